@@ -1,0 +1,1 @@
+"""File input/output: images through SimpleITK, landmark files in the field's formats."""
