@@ -1,0 +1,188 @@
+"""One training run: plan on the training cases, then train the coarse and fine stages.
+
+Run directory (``RUN``)::
+
+    RUN/config.json        the experiment config used (chosen settings)
+    RUN/plan.json          the plan derived from the training cases (derived settings)
+    RUN/split.json         dataset, fold, train / validation / test case ids
+    RUN/coarse/            trainer output of the coarse stage (metrics.csv, train.log,
+                           checkpoints/best, checkpoints/last)
+    RUN/fine/              the same for the fine stage
+    RUN/cache/             prepared (resampled, normalised) cases, unless ``cache_dir`` is given
+
+Splits: with ``fold=k`` the cases of fold k are the *test* cases (never seen in training or
+model selection); a validation subset (``val_fraction`` of the remaining cases, at least 2, at
+random with the config's seed) is held out of training to pick the ``best`` checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from landmark3d.config import ExperimentConfig
+from landmark3d.data.dataset import Dataset
+from landmark3d.data.preprocess import CaseCache
+from landmark3d.engine.checkpoint import checkpoint_exists
+from landmark3d.engine.stages import CoarseStage, FineStage
+from landmark3d.engine.trainer import TrainerConfig, TrainResult, fit
+from landmark3d.errors import ConfigError, DatasetError
+from landmark3d.io.atomic import atomic_write_text
+from landmark3d.io.landmarks import landmark_format
+from landmark3d.planning import Plan, make_plan
+
+STAGES = ("coarse", "fine")
+
+
+@dataclass
+class Split:
+    """Case ids of a run: ``train`` (fit), ``val`` (model selection), ``test`` (held out)."""
+
+    fold: int | None
+    train: list[str]
+    val: list[str]
+    test: list[str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"fold": self.fold, "train": self.train, "val": self.val, "test": self.test}
+
+
+def make_split(dataset: Dataset, fold: int | None, seed: int, val_fraction: float = 0.15) -> Split:
+    """Train/validation/test ids for ``fold`` (None: every case trains; nothing is tested)."""
+    test: list[str] = []
+    if fold is None:
+        pool = dataset.case_ids
+    else:
+        pool, test = dataset.split(fold)
+    annotated = [c for c in pool if dataset.has_landmarks(c)]
+    if len(annotated) < 3:
+        raise DatasetError(
+            f"only {len(annotated)} annotated training case(s); at least 3 are needed.",
+            path=dataset.source,
+            fix="add annotated cases or use another fold.",
+        )
+    n_val = max(2, round(val_fraction * len(annotated))) if val_fraction > 0 else 0
+    n_val = min(n_val, len(annotated) - 1)
+    rng = np.random.default_rng([seed, 7])
+    val = {annotated[i] for i in rng.permutation(len(annotated))[:n_val]}
+    return Split(
+        fold=fold,
+        train=[c for c in annotated if c not in val],
+        val=[c for c in annotated if c in val],
+        test=list(test),
+    )
+
+
+def trainer_config(config: ExperimentConfig, stage: str) -> TrainerConfig:
+    """Loop settings for ``stage`` from the experiment config."""
+    section = config.coarse if stage == "coarse" else config.fine
+    return TrainerConfig(
+        epochs=section.epochs,
+        val_every=section.val_every,
+        seed=config.seed + (0 if stage == "coarse" else 1),
+        device=config.device,
+        amp=config.amp,
+        num_threads=config.num_threads,
+    )
+
+
+@dataclass
+class RunResult:
+    """What :func:`train_run` produced."""
+
+    run_dir: Path
+    plan: Plan
+    split: Split
+    results: dict[str, TrainResult]
+
+
+def _landmark_format_of(dataset: Dataset) -> str:
+    """Format of the dataset's landmark files (predictions default to it); ``json`` if none."""
+    for case in dataset.cases:
+        if case.landmarks is not None:
+            return landmark_format(case.landmarks)
+    return "json"
+
+
+def _write_json(path: Path, obj: Any) -> None:
+    atomic_write_text(path, json.dumps(obj, indent=2) + "\n")
+
+
+def _load_or_make_plan(
+    run: Path, dataset: Dataset, config: ExperimentConfig, split: Split, resume: bool
+) -> Plan:
+    plan_path = run / "plan.json"
+    if resume and plan_path.exists():
+        return Plan.load(plan_path)
+    plan = make_plan(dataset, config, split.train + split.val)
+    plan.save(plan_path)
+    return plan
+
+
+def train_run(
+    dataset: Dataset,
+    config: ExperimentConfig,
+    run_dir: str | Path,
+    fold: int | None = 0,
+    stages: Sequence[str] = STAGES,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+    cache_dir: str | Path | None = None,
+    val_fraction: float = 0.15,
+) -> RunResult:
+    """Plan and train the requested stages into ``run_dir`` (see the module docstring).
+
+    Raises:
+        ConfigError: unknown stage, or ``resume`` with another config than the run's.
+        DatasetError / CheckpointError / OutputExistsError: from the data and trainer.
+    """
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        raise ConfigError(f"unknown stage(s) {unknown}.", fix=f"choose from {list(STAGES)}.")
+    run = Path(run_dir)
+    run.mkdir(parents=True, exist_ok=True)
+    config_path = run / "config.json"
+    if resume and config_path.exists():
+        saved = ExperimentConfig.from_json(config_path)
+        if saved.to_dict() != config.to_dict():
+            raise ConfigError(
+                "the config differs from the one this run was started with.",
+                path=config_path,
+                fix="resume with the same config (or start a new run directory).",
+            )
+    split = make_split(dataset, fold, config.seed, val_fraction)
+    _write_json(
+        run / "split.json",
+        {
+            "dataset": str(dataset.source),
+            "landmark_format": _landmark_format_of(dataset),
+            **split.to_dict(),
+        },
+    )
+    config.save_json(config_path)
+    plan = _load_or_make_plan(run, dataset, config, split, resume)
+    cache = CaseCache(Path(cache_dir) if cache_dir else run / "cache", plan, keep_in_memory=True)
+
+    results: dict[str, TrainResult] = {}
+    for name in STAGES:
+        if name not in stages:
+            continue
+        cls = CoarseStage if name == "coarse" else FineStage
+        stage = cls(dataset, plan, config, cache, split.train, split.val)
+        stage_dir = run / name
+        stage_resume = resume and checkpoint_exists(stage_dir / "checkpoints" / "last")
+        results[name] = fit(
+            stage,
+            trainer_config(config, name),
+            stage_dir,
+            resume=stage_resume,
+            progress=progress,
+            overwrite=overwrite,
+        )
+    return RunResult(run, plan, split, results)

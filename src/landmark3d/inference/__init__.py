@@ -1,0 +1,1 @@
+"""Inference: the importable predictor and the forward steps shared with validation."""
