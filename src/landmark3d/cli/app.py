@@ -1,0 +1,142 @@
+"""The ``landmark3d`` Typer app, shared console and formatting helpers, and the entry point.
+
+Commands live in sibling modules (one group each) that register on :data:`app`.
+
+Every command catches :class:`landmark3d.errors.Landmark3dError` and prints it as one
+readable line (file, problem, fix) with a non-zero exit code; ``--debug`` shows the traceback.
+"""
+
+from __future__ import annotations
+
+import sys
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from landmark3d import __version__
+from landmark3d.errors import Landmark3dError
+
+app = typer.Typer(
+    name="landmark3d",
+    help="Anatomical landmark localization in 3D medical images (CT, MRI).\n\n"
+    "Coordinates are world millimetres (LPS, as ITK) from file to file.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
+)
+# tables stay readable when the output is piped to a file or a CI log
+console = Console(width=None if sys.stdout.isatty() else 120)
+err_console = Console(stderr=True)
+_STATE = {"debug": False}
+
+CoordsOption = Annotated[
+    str | None,
+    typer.Option(
+        "--coords",
+        help="Coordinate system of CSV landmark files without a '# CoordinateSystem' line: LPS or RAS.",
+    ),
+]
+
+
+def _version(value: bool) -> None:
+    if value:
+        console.print(f"landmark3d {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _main(
+    debug: Annotated[bool, typer.Option("--debug", help="Show tracebacks on errors.")] = False,
+    version: Annotated[
+        bool, typer.Option("--version", callback=_version, is_eager=True, help="Print the version.")
+    ] = False,
+) -> None:
+    """landmark3d — prior-guided coarse-to-fine landmark localization."""
+    _STATE["debug"] = debug
+
+
+def _fmt_mm(value: float | None) -> str:
+    return "—" if value is None or value != value else f"{value:.2f}"  # None/NaN -> dash
+
+
+def _fmt_pct(value: float | None) -> str:
+    return "—" if value is None or value != value else f"{value:.1f}%"
+
+
+def print_summary_table(summary: object, title: str) -> None:
+    """Print the per-landmark and overall table of a metrics summary (paper's form)."""
+    d = summary.to_dict() if hasattr(summary, "to_dict") else dict(summary)  # type: ignore[call-overload]
+    thresholds = list(d["sdr"].keys())
+    table = Table(title=title)
+    table.add_column("landmark")
+    table.add_column("n", justify="right")
+    table.add_column("MRE (SD) mm", justify="right")
+    table.add_column("median", justify="right")
+    for t in thresholds:
+        table.add_column(f"SDR@{t}", justify="right")
+    for name, row in d["per_landmark"].items():
+        table.add_row(
+            name,
+            str(row["n"]),
+            f"{_fmt_mm(row['mre'])} ({_fmt_mm(row['sd'])})",
+            _fmt_mm(row["median"]),
+            *(_fmt_pct(row["sdr"][t]) for t in thresholds),
+        )
+    table.add_row(
+        "[bold]all[/]",
+        str(d["n_evaluated"]),
+        f"[bold]{_fmt_mm(d['mre'])} ({_fmt_mm(d['sd'])})[/]",
+        _fmt_mm(d["median"]),
+        *(_fmt_pct(d["sdr"][t]) for t in thresholds),
+    )
+    console.print(table)
+    missing = d.get("n_missing_prediction", 0)
+    if missing:
+        console.print(
+            f"[yellow]{missing} landmark(s) without a prediction (counted as failures in SDR)[/]"
+        )
+
+
+# ----------------------------------------------------------------------------- entry point
+def main() -> None:
+    """Console-script entry point: readable one-line errors, tracebacks only with --debug."""
+    debug = "--debug" in sys.argv[1:]
+    try:
+        rc = app(standalone_mode=False)
+        sys.exit(rc if isinstance(rc, int) else 0)
+    except Landmark3dError as exc:
+        if debug:
+            raise
+        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+    except KeyboardInterrupt:
+        err_console.print("interrupted")
+        sys.exit(130)
+    except typer.Exit as exc:
+        sys.exit(exc.exit_code)
+    except SystemExit:
+        raise
+    except Exception as exc:  # click usage errors and the like
+        import click
+
+        if isinstance(exc, click.ClickException):
+            exc.show()
+            sys.exit(exc.exit_code)
+        if isinstance(exc, click.exceptions.Abort):
+            sys.exit(1)
+        if debug:
+            raise
+        err_console.print(
+            f"[red]internal error:[/] {type(exc).__name__}: {exc} (rerun with --debug for the traceback "
+            "and please report it)",
+            highlight=False,
+            soft_wrap=True,
+        )
+        sys.exit(2)
+
+
+if __name__ == "__main__":
+    main()

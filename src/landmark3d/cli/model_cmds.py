@@ -1,0 +1,240 @@
+"""Model commands: plan, train, predict, demo."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from landmark3d.cli.app import app, console, err_console, print_summary_table
+
+# ----------------------------------------------------------------------------- plan
+ConfigOption = Annotated[
+    str,
+    typer.Option(
+        "--config",
+        "-c",
+        help="Experiment YAML, or a packaged name (phantom_demo, pddca, prostate).",
+    ),
+]
+OverrideOption = Annotated[
+    list[str] | None,
+    typer.Option("--set", help="Override a config value, e.g. --set fine.epochs=5 (repeatable)."),
+]
+
+
+def _load_config(config: str, overrides: list[str] | None) -> Any:
+    from landmark3d.config import apply_overrides, load_config
+
+    cfg = load_config(config)
+    return apply_overrides(cfg, list(overrides or []))
+
+
+@app.command()
+def plan(
+    dataset: Annotated[
+        Path, typer.Argument(help="dataset.json, its directory, or an original-layout directory.")
+    ],
+    config: ConfigOption = "phantom_demo",
+    out: Annotated[
+        Path | None, typer.Option("--out", help="Where to write plan.json (default: print only).")
+    ] = None,
+    fold: Annotated[
+        int | None, typer.Option("--fold", help="Plan on the training cases of this fold only.")
+    ] = None,
+    overrides: OverrideOption = None,
+) -> None:
+    """Derive the plan (orientation, coarse grid, fine spacing, patch size, intensity window).
+
+    Example: [bold]landmark3d plan data/phantom --config phantom_demo --out runs/plan.json[/]
+    """
+    from landmark3d.data.dataset import load_dataset
+    from landmark3d.planning import make_plan
+
+    ds = load_dataset(dataset)
+    cfg = _load_config(config, overrides)
+    ids = ds.split(fold)[0] if fold is not None else None
+    p = make_plan(ds, cfg, ids)
+    console.print_json(json.dumps(p.to_dict()))
+    if out is not None:
+        p.save(out)
+        console.print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- train
+@app.command()
+def train(
+    config: ConfigOption,
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="The training dataset.")],
+    out: Annotated[Path, typer.Option("--out", help="Run directory to create.")],
+    fold: Annotated[
+        int | None,
+        typer.Option(
+            "--fold", help="Hold out this fold as test cases (default 0; -1 = train on all)."
+        ),
+    ] = 0,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option("--stage", help="Train only this stage: coarse, fine (repeatable)."),
+    ] = None,
+    resume: Annotated[bool, typer.Option("--resume", help="Continue an interrupted run.")] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start afresh in an existing run directory.")
+    ] = False,
+    cache: Annotated[
+        Path | None, typer.Option("--cache", help="Preprocessed-case cache (default RUN/cache).")
+    ] = None,
+    overrides: OverrideOption = None,
+) -> None:
+    """Train the coarse and fine stages; checkpoints, train.log and metrics.csv go to --out.
+
+    Example: [bold]landmark3d train --config phantom_demo --dataset data/phantom --fold 0 --out runs/f0[/]
+    """
+    from landmark3d.data.dataset import load_dataset
+    from landmark3d.engine.run import STAGES, train_run
+
+    ds = load_dataset(dataset)
+    cfg = _load_config(config, overrides)
+    result = train_run(
+        ds,
+        cfg,
+        out,
+        fold=None if fold is not None and fold < 0 else fold,
+        stages=tuple(stage or STAGES),
+        resume=resume,
+        overwrite=overwrite,
+        cache_dir=cache,
+    )
+    for name, r in result.results.items():
+        best = "—" if r.best_metric is None else f"{r.best_metric:.2f} mm (epoch {r.best_epoch})"
+        console.print(f"{name}: {r.epochs_completed} epochs, best validation MRE {best}")
+    console.print(f"run directory: {out}")
+
+
+# ----------------------------------------------------------------------------- predict
+@app.command()
+def predict(
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Run directory of `landmark3d train`.")
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory for one landmark file per image.")],
+    input: Annotated[
+        Path | None,
+        typer.Option(
+            "--input",
+            "-i",
+            help="An image file, a DICOM series directory, or a directory of images.",
+        ),
+    ] = None,
+    dataset: Annotated[
+        Path | None,
+        typer.Option("--dataset", help="Predict the cases of a dataset instead of --input."),
+    ] = None,
+    fold: Annotated[
+        int | None, typer.Option("--fold", help="With --dataset: only this fold's held-out cases.")
+    ] = None,
+    fmt: Annotated[
+        str | None,
+        typer.Option(
+            "--format",
+            help="fcsv, mrk.json, csv or json (default: the training landmarks' format).",
+        ),
+    ] = None,
+    coords: Annotated[
+        str, typer.Option("--coords", help="Coordinate system written: LPS or RAS.")
+    ] = "LPS",
+    stage: Annotated[
+        str, typer.Option("--stage", help="fine (coarse + fine) or coarse (coarse only).")
+    ] = "fine",
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace existing prediction files.")
+    ] = False,
+) -> None:
+    """Predict landmarks in world coordinates; writes one file per image and timings.json.
+
+    Example: [bold]landmark3d predict --model runs/f0 --input scan.nii.gz --out pred/ --format fcsv[/]
+    """
+    from landmark3d.inference.batch import predict_inputs
+
+    written = predict_inputs(
+        model,
+        out,
+        input_path=input,
+        dataset_path=dataset,
+        fold=fold,
+        fmt=fmt,
+        coords=coords,
+        stage=stage,
+        device=device,
+        overwrite=overwrite,
+        progress=lambda name: err_console.print(f"predicted {name}", highlight=False),
+    )
+    console.print(f"wrote {len(written)} prediction file(s) and timings.json to {out}")
+
+
+# ----------------------------------------------------------------------------- demo
+QUICK_OVERRIDES = [
+    "coarse.epochs=3",
+    "fine.epochs=3",
+    "coarse.widths=[8,16,32,64]",
+    "fine.channels=[4,8,16,32]",
+    "coarse.val_every=1",
+    "fine.val_every=1",
+]
+
+
+@app.command()
+def demo(
+    out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
+    data: Annotated[
+        Path, typer.Option("--data", help="Where the phantom dataset is generated.")
+    ] = Path("data/phantom"),
+    quick: Annotated[
+        bool, typer.Option("--quick", help="A tiny run (minutes → seconds) to check the set-up.")
+    ] = False,
+    fold: Annotated[int, typer.Option("--fold", help="Held-out fold.")] = 0,
+) -> None:
+    """The whole job on the embedded phantom: generate, verify, plan, train, predict, evaluate.
+
+    Example: [bold]landmark3d demo[/]  (or [bold]landmark3d demo --quick[/])
+    """
+    from landmark3d.config import apply_overrides, load_config
+    from landmark3d.data.dataset import load_dataset
+    from landmark3d.data.phantom import generate_phantom
+    from landmark3d.data.verify import verify_dataset
+    from landmark3d.engine.run import train_run
+    from landmark3d.evaluation import evaluate as run_evaluation
+    from landmark3d.evaluation import write_evaluation
+    from landmark3d.inference.batch import predict_inputs
+
+    n_cases, size = (9, 64) if quick else (30, 96)
+    spec = data / "dataset.json"
+    if spec.exists():
+        ds = load_dataset(spec)
+        if len(ds.cases) != n_cases:
+            spec = generate_phantom(data, n_cases=n_cases, seed=0, size=size, overwrite=True)
+    else:
+        spec = generate_phantom(data, n_cases=n_cases, seed=0, size=size, overwrite=True)
+    ds = load_dataset(spec)
+    console.print(f"[bold]1/5[/] phantom dataset: {spec} ({len(ds.cases)} cases)")
+    report = verify_dataset(ds)
+    if not report.ok:
+        raise typer.Exit(1)
+    console.print(f"[bold]2/5[/] verified: {len(report.problems)} problem(s)")
+    cfg = apply_overrides(load_config("phantom_demo"), QUICK_OVERRIDES if quick else [])
+    console.print("[bold]3/5[/] training coarse and fine stages (config phantom_demo)")
+    result = train_run(ds, cfg, out, fold=fold, overwrite=True, cache_dir=out / "cache")
+    pred_dir = out / "predictions"
+    console.print(f"[bold]4/5[/] predicting {len(result.split.test)} held-out case(s)")
+    predict_inputs(out, pred_dir, dataset_path=spec, fold=fold, overwrite=True)
+    coarse_dir = out / "predictions_coarse"
+    predict_inputs(out, coarse_dir, dataset_path=spec, fold=fold, stage="coarse", overwrite=True)
+    console.print("[bold]5/5[/] evaluating")
+    for name, d in (("coarse only", coarse_dir), ("coarse + fine", pred_dir)):
+        ev = run_evaluation(d, ds, cases=result.split.test)
+        write_evaluation(ev, d, overwrite=True)
+        print_summary_table(ev.summary, title=f"{name}: held-out fold {fold}")
+    console.print(f"metrics: {pred_dir / 'metrics.json'}; run: {out}")
