@@ -6,7 +6,7 @@ Each command group is a module registering on the shared :data:`app`; importing 
 registers them all.
 """
 
-from landmark3d.cli import data_cmds, model_cmds  # noqa: F401  (register commands)
+from landmark3d.cli import data_cmds, io_cmds, model_cmds, report_cmds  # noqa: F401  (register commands)
 from landmark3d.cli.app import app, main
 
 __all__ = ["app", "main"]

@@ -13,6 +13,7 @@ from typing import Annotated
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from landmark3d import __version__
@@ -28,7 +29,7 @@ app = typer.Typer(
     rich_markup_mode="rich",
 )
 # tables stay readable when the output is piped to a file or a CI log
-console = Console(width=None if sys.stdout.isatty() else 120)
+console = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
 err_console = Console(stderr=True)
 _STATE = {"debug": False}
 
@@ -110,7 +111,7 @@ def main() -> None:
     except Landmark3dError as exc:
         if debug:
             raise
-        err_console.print(f"[red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
     except KeyboardInterrupt:
         err_console.print("interrupted")
@@ -119,14 +120,13 @@ def main() -> None:
         sys.exit(exc.exit_code)
     except SystemExit:
         raise
-    except Exception as exc:  # click usage errors and the like
-        import click
-
-        if isinstance(exc, click.ClickException):
-            exc.show()
-            sys.exit(exc.exit_code)
-        if isinstance(exc, click.exceptions.Abort):
-            sys.exit(1)
+    except typer.Abort:
+        sys.exit(1)
+    except Exception as exc:  # usage errors (typer vendors click: typer._click) and the like
+        show = getattr(exc, "show", None)
+        if isinstance(exc, typer.TyperException) and callable(show):
+            show()
+            sys.exit(getattr(exc, "exit_code", 2))
         if debug:
             raise
         err_console.print(

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.markup import escape
 from rich.table import Table
 
 from landmark3d.cli.app import app, console, err_console, print_summary_table
@@ -73,7 +74,8 @@ def verify(
         where = p.case or "-"
         path = f" [{p.path}]" if p.path else ""
         style = "red" if p.severity == "error" else "yellow"
-        console.print(f"[{style}]{p.severity}[/] {where}{path}: {p.message} Fix: {p.fix}")
+        text = escape(f"{where}{path}: {p.message} Fix: {p.fix}")
+        console.print(f"[{style}]{p.severity}[/] {text}", soft_wrap=True, highlight=False)
     n_err = sum(p.severity == "error" for p in report.problems)
     n_warn = len(report.problems) - n_err
     if json_out is not None:
@@ -88,18 +90,21 @@ def _print_verify_summary(name: str, n_cases: int, summary: dict[str, Any]) -> N
     table.add_column("property")
     table.add_column("value")
     for key, value in summary.items():
-        if key in ("cases", "per_landmark"):
+        if key in ("cases", "landmarks"):
             continue
         table.add_row(str(key), str(value))
     console.print(table)
-    per_lm = summary.get("per_landmark") or {}
-    if per_lm:
+    landmarks = summary.get("landmarks") or []
+    if landmarks:
         t2 = Table(title="landmarks")
         t2.add_column("landmark")
-        for col in next(iter(per_lm.values())):
-            t2.add_column(str(col), justify="right")
-        for lm, vals in per_lm.items():
-            t2.add_row(lm, *(f"{v:.2f}" if isinstance(v, float) else str(v) for v in vals.values()))
+        t2.add_column("cases", justify="right")
+        t2.add_column("spread mm", justify="right")
+        for lm in landmarks:
+            spread = lm["spread_mm"]
+            t2.add_row(
+                str(lm["name"]), str(lm["count"]), "—" if spread is None else f"{spread:.2f}"
+            )
         console.print(t2)
 
 

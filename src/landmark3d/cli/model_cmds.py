@@ -1,4 +1,4 @@
-"""Model commands: plan, train, predict, demo."""
+"""Model commands: plan, prior, train, predict, demo."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated, Any
 
 import typer
+from rich.table import Table
 
 from landmark3d.cli.app import app, console, err_console, print_summary_table
 
@@ -61,6 +62,85 @@ def plan(
     if out is not None:
         p.save(out)
         console.print(f"wrote {out}")
+
+
+# ----------------------------------------------------------------------------- prior
+@app.command()
+def prior(
+    dataset: Annotated[
+        Path, typer.Argument(help="dataset.json, its directory, or an original-layout directory.")
+    ],
+    fold: Annotated[
+        int | None,
+        typer.Option("--fold", min=0, help="Learn from this fold's training cases only."),
+    ] = None,
+    tolerance: Annotated[
+        float,
+        typer.Option(
+            "--tolerance", min=0.0, help="Largest along-axis difference (voxels) on one slice."
+        ),
+    ] = 0.5,
+    min_fraction: Annotated[
+        float,
+        typer.Option(
+            "--min-fraction", min=0.01, max=1.0, help="Share of cases a pair must agree in."
+        ),
+    ] = 0.9,
+    write: Annotated[
+        bool,
+        typer.Option("--write", help='Store the groups as "correlated_groups" in dataset.json.'),
+    ] = False,
+    json_out: Annotated[
+        Path | None, typer.Option("--json", help="Also write the groups as JSON here.")
+    ] = None,
+) -> None:
+    """Discover landmarks annotated on one common key slice (correlated groups).
+
+    Reads image headers and landmark files only. Example:
+    [bold]landmark3d prior data/phantom --fold 0 --write[/]
+    """
+    from rich.progress import Progress
+
+    from landmark3d.data.dataset import load_dataset
+    from landmark3d.errors import DatasetError
+    from landmark3d.io.atomic import atomic_write_text
+    from landmark3d.prior import apply_groups_to_spec, discover_groups
+
+    ds = load_dataset(dataset)
+    cases = None if fold is None else ds.split(fold)[0]
+    total = len(ds.cases) if cases is None else len(cases)
+    with Progress(console=err_console, transient=True) as bar:
+        task = bar.add_task("reading headers and landmarks", total=total)
+        groups = discover_groups(
+            ds, cases, tolerance, min_fraction, progress=lambda i: bar.update(task, completed=i)
+        )
+    if groups:
+        table = Table(title=f"correlated groups of {ds.name!r}")
+        for col in ("landmarks", "axis", "agree", "spread mm (mean / max)", "cases", "note"):
+            table.add_column(col)
+        for g in groups:
+            note = "coincident: duplicate annotations?" if g.coincident else ""
+            table.add_row(
+                ", ".join(g.landmarks), f"{g.axis} ({g.axis_name})", f"{g.fraction:.0%}",
+                f"{g.spread_mm:.2f} / {g.max_spread_mm:.2f}", str(g.n_cases), note,
+            )  # fmt: skip
+        console.print(table)
+    else:
+        console.print(
+            f"no correlated groups (tolerance {tolerance} voxel, >= {min_fraction:.0%} of cases)"
+        )
+    if json_out is not None:
+        atomic_write_text(json_out, json.dumps([g.to_dict() for g in groups], indent=2) + "\n")
+    if write:
+        if ds.layout != "spec" or ds.source is None:
+            raise DatasetError(
+                "groups can only be stored in a dataset.json, not in the original layout.",
+                path=ds.source,
+                fix="convert the dataset to a dataset.json first, or use --json.",
+            )
+        keep = [g for g in groups if not g.coincident]  # duplicates are not key-slice groups
+        path = apply_groups_to_spec(ds.source, keep)
+        console.print(f"wrote {len(keep)} group(s) to {path}")
 
 
 # ----------------------------------------------------------------------------- train
@@ -238,3 +318,7 @@ def demo(
         write_evaluation(ev, d, overwrite=True)
         print_summary_table(ev.summary, title=f"{name}: held-out fold {fold}")
     console.print(f"metrics: {pred_dir / 'metrics.json'}; run: {out}")
+    from landmark3d.reporting.html import build_report
+
+    html = build_report(out, overwrite=True).html
+    console.print(f"report: {html}")

@@ -31,7 +31,7 @@ from landmark3d.data.preprocess import CaseCache
 from landmark3d.engine.checkpoint import checkpoint_exists
 from landmark3d.engine.stages import CoarseStage, FineStage
 from landmark3d.engine.trainer import TrainerConfig, TrainResult, fit
-from landmark3d.errors import ConfigError, DatasetError
+from landmark3d.errors import ConfigError, DatasetError, OutputExistsError
 from landmark3d.io.atomic import atomic_write_text
 from landmark3d.io.landmarks import landmark_format
 from landmark3d.planning import Plan, make_plan
@@ -124,6 +124,53 @@ def _load_or_make_plan(
     return plan
 
 
+def _check_run_dir(
+    run: Path, config: ExperimentConfig, stages: Sequence[str], resume: bool, overwrite: bool
+) -> None:
+    """Refuse, before anything is written, a fresh start in a directory holding a run.
+
+    Without ``resume`` or ``overwrite``, a requested stage that already has checkpoints, logs
+    or metrics is refused (the trainer would refuse it too, but only after config.json,
+    split.json and plan.json had been replaced), and so is a config other than the run's saved
+    one (the other stage's checkpoints would no longer match config.json).
+    """
+    if resume or overwrite:
+        return
+    for name in stages:
+        stage_dir = run / name
+        if any((stage_dir / f).exists() for f in ("checkpoints", "metrics.csv", "train.log")):
+            raise OutputExistsError(
+                f"the run directory already holds a training run ({name} stage).",
+                path=run,
+                fix="resume it (--resume), pass --overwrite to start again, "
+                "or choose another output.",
+            )
+    config_path = run / "config.json"
+    if config_path.exists():
+        saved = ExperimentConfig.from_json(config_path)
+        if saved.to_dict() != config.to_dict():
+            raise ConfigError(
+                "the config differs from the one this run directory was trained with.",
+                path=config_path,
+                fix="use the same config, pass --overwrite to start again, or choose another output.",
+            )
+
+
+def _check_same_split(split_path: Path, split: Split, resume: bool) -> None:
+    """On resume, refuse another fold or other cases than the run was started with."""
+    if not (resume and split_path.is_file()):
+        return
+    saved = json.loads(split_path.read_text(encoding="utf-8"))
+    if {k: saved.get(k) for k in ("fold", "train", "val", "test")} != split.to_dict():
+        raise ConfigError(
+            f"this run was started on fold {saved.get('fold')} with other training/test cases; "
+            f"resuming with fold {split.fold} would mix them.",
+            path=split_path,
+            fix=f"resume with --fold {saved.get('fold')} and the same dataset "
+            "(or start a new run directory).",
+        )
+
+
 def train_run(
     dataset: Dataset,
     config: ExperimentConfig,
@@ -146,8 +193,9 @@ def train_run(
     if unknown:
         raise ConfigError(f"unknown stage(s) {unknown}.", fix=f"choose from {list(STAGES)}.")
     run = Path(run_dir)
-    run.mkdir(parents=True, exist_ok=True)
     config_path = run / "config.json"
+    _check_run_dir(run, config, stages, resume, overwrite)
+    run.mkdir(parents=True, exist_ok=True)
     if resume and config_path.exists():
         saved = ExperimentConfig.from_json(config_path)
         if saved.to_dict() != config.to_dict():
@@ -157,6 +205,7 @@ def train_run(
                 fix="resume with the same config (or start a new run directory).",
             )
     split = make_split(dataset, fold, config.seed, val_fraction)
+    _check_same_split(run / "split.json", split, resume)
     _write_json(
         run / "split.json",
         {

@@ -114,6 +114,15 @@ def predict_inputs(
     else:
         assert input_path is not None
         items = enumerate_images(input_path)
+    ids = [cid for cid, _ in items]
+    clashes = sorted({cid for cid in ids if ids.count(cid) > 1})
+    if clashes:  # two images, one output file: refuse before anything is written
+        raise ImageError(
+            f"several input images have the case id(s) {', '.join(clashes)} (the file name "
+            "without its suffix), so their predictions would overwrite each other.",
+            path=input_path or dataset_path,
+            fix="rename the images so that their names differ without the suffix.",
+        )
     out.mkdir(parents=True, exist_ok=True)
     targets = [out / f"{cid}.{fmt}" for cid, _ in items]
     for t in targets:  # refuse before any work is done, so nothing is written half-way

@@ -1,0 +1,112 @@
+"""Reporting commands: cross-validation (``cv``) and the HTML report (``report``)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from landmark3d.cli.app import app, console, err_console, print_summary_table
+from landmark3d.cli.model_cmds import ConfigOption, OverrideOption, _load_config
+
+
+@app.command()
+def cv(
+    config: ConfigOption,
+    dataset: Annotated[Path, typer.Option("--dataset", "-d", help="Dataset with folds.")],
+    out: Annotated[Path, typer.Option("--out", help="Output directory (one run per fold).")],
+    folds: Annotated[
+        int | None,
+        typer.Option("--folds", help="Run the first N folds (default: all of the dataset's)."),
+    ] = None,
+    fold: Annotated[
+        list[int] | None, typer.Option("--fold", help="Run only this fold (repeatable).")
+    ] = None,
+    stage: Annotated[
+        list[str] | None,
+        typer.Option("--stage", help="Train only this stage: coarse, fine (repeatable)."),
+    ] = None,
+    resume: Annotated[
+        bool, typer.Option("--resume", help="Skip complete folds; continue interrupted ones.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Start afresh in an existing output directory.")
+    ] = False,
+    report: Annotated[
+        bool, typer.Option("--report/--no-report", help="Write OUT/report.html at the end.")
+    ] = True,
+    overrides: OverrideOption = None,
+) -> None:
+    """Cross-validate: train, predict and evaluate every fold; pooled and per-fold tables.
+
+    Writes OUT/cv.json and OUT/cv.md (MRE (SD), SDR@2/2.5/3/4/8 mm, per landmark, coarse vs
+    fine). A fold that fails is recorded and the others go on; the exit code is then 1.
+
+    Example: [bold]landmark3d cv --config phantom_demo --dataset data/phantom --folds 3 --out runs/cv[/]
+    """
+    from landmark3d.data.dataset import load_dataset
+    from landmark3d.engine.cv import CV_JSON, CV_MD, run_cv
+    from landmark3d.engine.run import STAGES
+    from landmark3d.errors import DatasetError
+
+    ds = load_dataset(dataset)
+    cfg = _load_config(config, overrides)
+    chosen: list[int] | None = list(fold) if fold else None
+    if folds is not None:
+        if folds < 1 or folds > len(ds.folds):
+            raise DatasetError(
+                f"--folds {folds}: the dataset has {len(ds.folds)} fold(s).",
+                path=ds.source,
+                fix=f"use --folds between 1 and {len(ds.folds)}.",
+            )
+        chosen = [k for k in (chosen or range(folds)) if k < folds]
+    result = run_cv(
+        ds,
+        cfg,
+        out,
+        folds=chosen,
+        resume=resume,
+        stages=tuple(stage or STAGES),
+        overwrite=overwrite,
+        log=lambda msg: err_console.print(msg, highlight=False),
+    )
+    for name, summary in result.pooled.items():
+        print_summary_table(summary, title=f"{name}: pooled over the complete folds")
+    console.print(f"wrote {out / CV_JSON} and {out / CV_MD}")
+    if report and result.pooled:
+        from landmark3d.reporting.html import build_report
+
+        rep = build_report(out, overwrite=True)
+        console.print(f"report: {rep.html}")
+    if result.failed:
+        for f in result.failed:
+            err_console.print(f"[red]fold {f.fold} failed:[/] {f.error}", highlight=False)
+        raise typer.Exit(1)
+
+
+@app.command()
+def report(
+    run: Annotated[
+        Path, typer.Argument(help="A run directory (with evaluated predictions) or a cv output.")
+    ],
+    out: Annotated[
+        Path | None, typer.Option("--out", help="HTML file (default RUN/report.html).")
+    ] = None,
+    worst: Annotated[
+        int, typer.Option("--worst", help="Number of worst cases shown as slices.")
+    ] = 3,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing report.")
+    ] = False,
+) -> None:
+    """Write a self-contained HTML report (tables, SDR curve, box plots, slices, training curves).
+
+    Figures are PNG files in <report>_files/ beside the HTML file.
+
+    Example: [bold]landmark3d report runs/demo[/]  (then open runs/demo/report.html)
+    """
+    from landmark3d.reporting.html import build_report
+
+    result = build_report(run, out, overwrite=overwrite, n_worst=worst)
+    console.print(f"wrote {result.html} ({len(result.figures)} figure(s) in {result.files_dir})")
