@@ -12,16 +12,21 @@ import pytest
 import SimpleITK as sitk
 
 from landmark3d.data.phantom import (
+    GROUP_ANCHOR,
     PHANTOM_LANDMARKS,
     PLANTED_GROUP,
     PhantomCase,
     anatomical_intensity,
+    anatomical_landmarks,
     generate_phantom,
     render_case,
+    ridge_point,
     sample_case,
 )
 from landmark3d.errors import OutputExistsError
+from landmark3d.geometry.resample import canonical
 from landmark3d.geometry.space import Geometry, Volume
+from landmark3d.io.landmark_set import LandmarkSet
 from landmark3d.io.landmarks import read_landmarks
 
 N_CASES, SIZE, SEED = 4, 48, 3
@@ -90,7 +95,9 @@ def test_spec_is_consistent_and_files_exist(dataset: tuple[Path, dict[str, Any]]
     assert gen["tool"] == "landmark3d phantom" and gen["seed"] == SEED
     assert gen["cases"] == N_CASES and isinstance(gen["version"], str)
     group = gen["planted_correlated_group"]
-    assert group["landmarks"] == list(PLANTED_GROUP) and group["axis"] == "L"
+    assert group["landmarks"] == list(PLANTED_GROUP) == ["chin", "occ_bone"]
+    assert group["anchor"] == GROUP_ANCHOR == "chin"
+    assert group["axis"] == "i" and group["axis_name"] == "L-R"
     assert set(gen["anatomical_to_world"]) == set(ids)
     # nothing else (temporary directories) left beside the dataset
     assert [p.name for p in root.parent.iterdir()] == ["phantom"]
@@ -224,7 +231,7 @@ def test_truth_matches_the_image() -> None:
             if not thick:
                 assert lateral < -600 and medial > 600, (case.case_id, name)
         for name in ("nasion", "chin", "occ_bone"):
-            assert _sample(vol, lms.get(name)) > 250, (case.case_id, name)
+            assert _sample(vol, _at(lms, name)) > 250, (case.case_id, name)
 
 
 def test_symmetric_pair_looks_alike_when_mirrored() -> None:
@@ -248,38 +255,105 @@ def test_symmetric_pair_looks_alike_when_mirrored() -> None:
         assert _corr(left, right) < _corr(left, right_m) - 0.3  # not trivially alike
 
 
-def test_group_lies_on_the_mid_sagittal_plane(dataset: tuple[Path, dict[str, Any]]) -> None:
+def _at(lms: LandmarkSet, name: str) -> np.ndarray:
+    point = lms.get(name)
+    assert point is not None, name
+    return point
+
+
+def _midline(case: PhantomCase) -> dict[str, np.ndarray]:
+    """The structure points before annotation on the key slice (occ_bone on the midline)."""
+    return anatomical_landmarks({**case.anatomy, "occ_phi": 0.0})
+
+
+def test_group_shares_one_key_slice_of_the_canonical_image(
+    dataset: tuple[Path, dict[str, Any]],
+) -> None:
+    """The written truth: chin and occ_bone on one slice of the LPS-reoriented image."""
+    root, spec = dataset
+    axis = "ijk".index(spec["generator"]["planted_correlated_group"]["axis"])
+    for c in spec["cases"]:
+        geo = Geometry.from_sitk(canonical(sitk.ReadImage(str(root / c["image"]))))
+        lms = read_landmarks(root / c["landmarks"])
+        idx = {n: geo.world_to_index(_at(lms, n)) for n in PHANTOM_LANDMARKS}
+        key = idx[GROUP_ANCHOR][axis]
+        for name in PLANTED_GROUP:
+            assert abs(idx[name][axis] - key) < 1e-3, (c["id"], name)
+        # the canonical axis is the one nearest the case's anatomical left-right direction
+        frame = np.asarray(spec["generator"]["anatomical_to_world"][c["id"]])[:3, :3]
+        lr = frame[:, 0] / np.linalg.norm(frame[:, 0])
+        assert int(np.argmax(np.abs(geo.direction.T @ lr))) == axis
+
+
+def test_group_members_stay_on_their_structures() -> None:
+    slides = []
     for seed in range(3):
         for index in range(8):
-            lm = sample_case(seed, index).landmarks_anatomical
-            for name in PLANTED_GROUP:
-                assert abs(lm[name][0]) < 1e-6
-            for name in set(PHANTOM_LANDMARKS) - set(PLANTED_GROUP):
+            case = sample_case(seed, index)
+            p, lm, mid = case.anatomy, case.landmarks_anatomical, _midline(case)
+            world = case.landmarks()
+            assert case.key_axis == 0
+            # on the key slice: same coordinate along the key normal (world mm)
+            offset = case.key_normal @ (_at(world, "occ_bone") - _at(world, GROUP_ANCHOR))
+            assert abs(offset) < 1e-9
+            # chin (the anchor) and the independent landmarks are their structure points
+            for name in set(PHANTOM_LANDMARKS) - {"occ_bone"}:
+                np.testing.assert_allclose(lm[name], mid[name], atol=1e-12)
+            # occ_bone is exactly on the ridge centre line, within the ridge, on bone
+            occ = lm["occ_bone"]
+            np.testing.assert_allclose(occ, ridge_point(p, p["occ_phi"]), atol=1e-12)
+            r = (occ[0] / p["a"]) ** 2 + (occ[1] / p["b"]) ** 2 + (occ[2] / p["c"]) ** 2
+            assert abs(r - 1.0) < 1e-9 and occ[1] > 0
+            assert -p["ridge_l1"] + p["ridge_r"] + 2.9 < occ[0] < p["ridge_l2"] - p["ridge_r"] - 2.9
+            assert float(anatomical_intensity(occ, p, case.edge_mm)) > 500
+            slides.append(float(np.linalg.norm(occ - mid["occ_bone"])))
+            # nasion stays on the mid-sagittal plane, independent of the key slice
+            assert abs(lm["nasion"][0]) < 1e-9 and abs(lm["chin"][0]) < 1e-9
+            for name in ("ear_l", "ear_r", "odont_proc"):
                 assert abs(lm[name][0]) > 3.0
-    root, spec = dataset  # the written truth too, through the recorded anatomical frame
-    for c in spec["cases"]:
-        inv = np.linalg.inv(np.asarray(spec["generator"]["anatomical_to_world"][c["id"]]))
-        lms = read_landmarks(root / c["landmarks"])
-        for name in PLANTED_GROUP:
-            assert abs((inv[:3, :3] @ lms.get(name) + inv[:3, 3])[0]) < 1e-6
+    # the pose really tilts the key slice: occ_bone leaves the midline, by up to tens of mm
+    assert np.median(slides) > 2.0 and 15.0 < max(slides) < 45.0
 
 
-def test_occ_bone_is_ambiguous_along_the_plane_normal() -> None:
-    for index in range(4):
-        case = sample_case(2, index)
+def test_nasion_is_not_on_the_key_slice() -> None:
+    offsets = []
+    for index in range(16):
+        case = sample_case(0, index)
+        world = case.landmarks()
+        offsets.append(abs(case.key_normal @ (_at(world, "nasion") - _at(world, GROUP_ANCHOR))))
+    assert np.mean(np.array(offsets) > 2.0) > 0.5
+
+
+def test_occ_bone_is_ambiguous_along_its_ridge() -> None:
+    for seed, index in ((2, 0), (2, 2), (2, 3), (2, 5), (0, 4)):  # near and far from the midline
+        case = sample_case(seed, index)
+        p = case.anatomy
 
         def patch(center: np.ndarray, case: PhantomCase = case) -> np.ndarray:
             return anatomical_intensity(_grid(center), case.anatomy, case.edge_mm)
 
-        lm = case.landmarks_anatomical
-        ref = patch(lm["occ_bone"])
+        occ, phi = case.landmarks_anatomical["occ_bone"], p["occ_phi"]
+        ref = patch(occ)
+        ra, rb = ridge_point(p, np.pi / 2)[0], ridge_point(p, 0.0)[1]
+        outward = np.array([np.sin(phi) / ra, np.cos(phi) / rb, 0.0])
+        outward /= np.linalg.norm(outward)
+        speed = float(np.hypot(ra * np.cos(phi), rb * np.sin(phi)))  # mm per radian
         for shift in (-6.0, 6.0):
-            along_x = _corr(ref, patch(lm["occ_bone"] + (shift, 0, 0)))
-            assert along_x > 0.95
-            assert _corr(ref, patch(lm["occ_bone"] + (0, shift, 0))) < 0.7
-            assert _corr(ref, patch(lm["occ_bone"] + (0, 0, shift))) < along_x - 0.1
-        for name in ("nasion", "ear_l", "odont_proc"):  # well-defined along x, for contrast
-            assert _corr(patch(lm[name]), patch(lm[name] + (6.0, 0, 0))) < 0.85
+            along = _corr(ref, patch(ridge_point(p, phi + shift / speed)))
+            assert along > 0.95, (seed, index)
+            assert _corr(ref, patch(occ + shift * outward)) < 0.7
+            assert _corr(ref, patch(occ + np.array([0.0, 0.0, shift]))) < along - 0.1
+    for index in range(4):  # well-defined along x, for contrast (at the structure points)
+        case = sample_case(2, index)
+        lm = case.landmarks_anatomical
+        for name in ("nasion", "ear_l", "odont_proc"):
+            shifted = anatomical_intensity(
+                _grid(lm[name] + (6.0, 0, 0)), case.anatomy, case.edge_mm
+            )
+            assert (
+                _corr(anatomical_intensity(_grid(lm[name]), case.anatomy, case.edge_mm), shifted)
+                < 0.85
+            )
 
 
 # ------------------------------------------------------------------------------ variety

@@ -12,11 +12,26 @@ The phantom plants the difficulties the method is about:
 
 * ``ear_l`` / ``ear_r`` have identical (mirrored) local structure: an air canal ending in
   dense bone. Only global context (the handedness of face vs. skull vs. spine) tells them apart.
-* ``nasion``, ``chin`` and ``occ_bone`` lie on the mid-sagittal plane ``x = 0`` of the anatomical
-  frame — the correlated group, axis left-right ("L").
-* ``occ_bone`` sits on a ridge that runs left-right along the back of the skull, so its local
-  appearance hardly changes along the plane normal: only the group tells where it is.
-* ``odont_proc`` (tip of the dens on the spine) is independent: the spine is off the midline by
+* ``chin`` and ``occ_bone`` form the correlated group, annotated the way real annotators do it
+  (PDDCA: occ_bone is placed on the slice chosen for chin): on one common *key slice of the
+  image*. The key axis is the axis of the canonical (LPS-reoriented, ``sitk.DICOMOrient``) image
+  closest to the anatomical left-right direction — always canonical ``i`` here, since pose
+  (<= 15 deg) plus oblique storage (<= 20 deg) stay below 45 deg. The key slice is chin's
+  continuous coordinate along that axis (chin is the anchor and sits on its structure);
+  ``occ_bone`` is the point of the occipital ridge's centre line that lies on the key slice.
+  Because each case's pose (and oblique storage) tilts the mid-sagittal plane against the image
+  grid, that point slides along the ridge away from the midline (over 256 cases: median 6 mm,
+  90 % < 19 mm, max 41 mm). Sliding along the curved ridge rather than moving in a straight
+  line along the image axis keeps the point on bone (a straight move leaves the bone in ~4 %
+  of cases). The ridge is lengthened where needed so that it always extends >= its radius
+  + 3 mm past the point.
+* ``occ_bone``'s ridge runs left-right along the back of the skull, so its local appearance
+  hardly changes along the ridge (roughly the key-slice normal): only the group tells where
+  it is.
+* ``nasion`` lies on the anatomical mid-sagittal plane ``x = 0`` but is annotated on its own
+  structure (the nasal bone), independent of chin's key slice: projected onto that slice it
+  would move by a median 4 mm (max 30 mm) and leave the bone in ~40 % of cases.
+  ``odont_proc`` (tip of the dens on the spine) is independent: the spine is off the midline by
   a per-case lateral offset.
 """
 
@@ -37,6 +52,7 @@ from numpy.typing import ArrayLike, NDArray
 
 from landmark3d import __version__
 from landmark3d.errors import OutputExistsError
+from landmark3d.geometry.resample import canonical
 from landmark3d.geometry.space import Geometry, Volume
 from landmark3d.io.landmark_set import LandmarkSet
 from landmark3d.io.landmarks import write_landmarks
@@ -46,9 +62,14 @@ F32 = NDArray[np.float32]
 SDF = Callable[[F32, F32, F32], F32]
 
 PHANTOM_LANDMARKS: tuple[str, ...] = ("nasion", "chin", "occ_bone", "ear_l", "ear_r", "odont_proc")
-PLANTED_GROUP: tuple[str, ...] = ("nasion", "chin", "occ_bone")
-"""Landmarks on the mid-sagittal plane ``x = 0`` of the anatomical frame (normal: L-R)."""
-DESIGN_VERSION = 1
+PLANTED_GROUP: tuple[str, ...] = ("chin", "occ_bone")
+"""Landmarks annotated on one key slice of the canonical image (normal: the axis nearest L-R)."""
+GROUP_ANCHOR = "chin"
+"""The group member whose slice is the key slice (it stays on its structure point)."""
+CANONICAL_AXIS_NAMES: tuple[str, ...] = ("L-R", "A-P", "S-I")
+"""Anatomical direction of canonical (LPS) axes i, j, k."""
+RIDGE_END_MARGIN_MM = 3.0
+DESIGN_VERSION = 2
 MAX_ROTATION_DEG = 15.0
 AIR_HU = -1000.0
 
@@ -155,16 +176,36 @@ def _surface_x(p: dict[str, float], y: float, z: float) -> float:
     return p["a"] * float(np.sqrt(1.0 - (y / p["b"]) ** 2 - (z / p["c"]) ** 2))
 
 
+def _ridge_radii(p: dict[str, float]) -> tuple[float, float]:
+    """Half-axes (x, y) in mm of the ellipse ``skull surface at z = zo`` (the ridge centre line)."""
+    f = float(np.sqrt(1.0 - (p["zo"] / p["c"]) ** 2))
+    return p["a"] * f, p["b"] * f
+
+
+def ridge_point(p: dict[str, float], phi: float) -> FloatArray:
+    """Point of the occipital ridge centre line at angle ``phi`` (rad; 0 = midline), anatomical mm.
+
+    The centre line is the skull's outer surface at ``z = zo``:
+    ``(A sin(phi), B cos(phi), zo)``, ``phi > 0`` towards the patient's left.
+    """
+    ra, rb = _ridge_radii(p)
+    return np.array([ra * np.sin(phi), rb * np.cos(phi), p["zo"]], dtype=np.float64)
+
+
 def anatomical_landmarks(p: dict[str, float]) -> dict[str, FloatArray]:
-    """Landmark positions in the anatomical frame (mm), keyed by :data:`PHANTOM_LANDMARKS`."""
+    """Landmark positions (the annotated truth) in the anatomical frame (mm).
+
+    Keyed by :data:`PHANTOM_LANDMARKS`. ``occ_bone`` is the ridge point at angle
+    ``p["occ_phi"]`` (0 = the midline, the default; :func:`sample_case` sets it so that the
+    point lies on chin's key slice).
+    """
     yn = -p["b"] * float(np.sqrt(1.0 - (p["zn"] / p["c"]) ** 2))
     xe = _surface_x(p, p["ye"], p["ze"]) - p["ear_depth"]
-    yo = p["b"] * float(np.sqrt(1.0 - (p["zo"] / p["c"]) ** 2))
     bottom = -p["c"] * float(np.sqrt(1.0 - (p["sx"] / p["a"]) ** 2 - (p["sy"] / p["b"]) ** 2))
-    pts = {
+    pts: dict[str, tuple[float, ...]] = {
         "nasion": (0.0, yn, p["zn"]),
         "chin": (0.0, p["yj"] - p["ayj"], p["zj"] - p["jaw_h"] / 2.0),
-        "occ_bone": (0.0, yo, p["zo"]),
+        "occ_bone": tuple(ridge_point(p, p.get("occ_phi", 0.0))),
         "ear_l": (xe, p["ye"], p["ze"]),
         "ear_r": (-xe, p["ye"], p["ze"]),
         "odont_proc": (p["sx"], p["sy"], bottom - p["dens_drop"]),
@@ -263,6 +304,9 @@ class PhantomCase:
         anatomical_to_world: 4x4 affine, anatomical frame mm -> world LPS mm (pose).
         geometry: the image grid (world LPS).
         storage: orientation of the stored axes: LPS, RAS, LPI, permuted or oblique.
+        key_axis: axis (0, 1, 2 = i, j, k) of the canonical LPS-reoriented image normal to the
+            correlated group's key slice (the one nearest the anatomical left-right direction).
+        key_normal: unit world (LPS) direction of that canonical axis, shape (3,).
         landmark_coords: coordinate system of the landmark file, "LPS" or "RAS".
         edge_mm: width of the smooth edges (mm).
         noise_hu, bias, scale, offset: intensity corruption (see :func:`render_case`).
@@ -274,6 +318,8 @@ class PhantomCase:
     anatomical_to_world: FloatArray
     geometry: Geometry
     storage: str
+    key_axis: int
+    key_normal: FloatArray
     landmark_coords: str
     edge_mm: float
     noise_hu: float
@@ -283,6 +329,7 @@ class PhantomCase:
 
     @property
     def landmarks_anatomical(self) -> dict[str, FloatArray]:
+        """The truth in the anatomical frame (mm); see :func:`anatomical_landmarks`."""
         return anatomical_landmarks(self.anatomy)
 
     def landmarks(self) -> LandmarkSet:
@@ -315,6 +362,64 @@ def _direction(kind: str, rng: np.random.Generator) -> FloatArray:
     return np.eye(3)
 
 
+def canonical_direction(direction: ArrayLike) -> FloatArray:
+    """Direction matrix (3x3, columns = world directions of i, j, k) after LPS reorientation.
+
+    What :func:`landmark3d.geometry.resample.canonical` (``sitk.DICOMOrient``) gives an image
+    with ``direction``: its axes permuted and flipped, still oblique for an oblique image.
+    """
+    dummy = sitk.Image(1, 1, 1, sitk.sitkUInt8)
+    dummy.SetDirection(tuple(float(v) for v in np.asarray(direction, dtype=np.float64).ravel()))
+    return np.asarray(canonical(dummy).GetDirection(), dtype=np.float64).reshape(3, 3)
+
+
+def _key_slice_angle(anat: dict[str, float], normal: FloatArray, anchor: FloatArray) -> float:
+    """Angle ``phi`` of the ridge centre line point on the plane ``normal . (x - anchor) = 0``.
+
+    All in the anatomical frame. On the centre line ``(A sin phi, B cos phi, zo)`` the plane
+    condition reads ``R sin(phi + psi) = rhs``; of its roots, the posterior one (``cos phi > 0``)
+    nearest the midline is returned. A plane missing the ridge (impossible with the pose ranges
+    used here: the normal is within 35 deg of x) raises ValueError.
+    """
+    ra, rb = _ridge_radii(anat)
+    rhs = float(normal @ anchor) - normal[2] * anat["zo"]
+    r = float(np.hypot(normal[0] * ra, normal[1] * rb))
+    psi = float(np.arctan2(normal[1] * rb, normal[0] * ra))
+    if r <= abs(rhs):
+        raise ValueError("the key slice does not cross the occipital ridge")
+    base = float(np.arcsin(rhs / r))
+    roots = [float(np.angle(np.exp(1j * (t - psi)))) for t in (base, np.pi - base)]
+    posterior = [t for t in roots if np.cos(t) > 0.0]
+    if not posterior:
+        raise ValueError("the key slice crosses the skull only anteriorly")
+    return min(posterior, key=abs)
+
+
+def _annotate_on_key_slice(
+    anat: dict[str, float], pose: FloatArray, direction: FloatArray
+) -> tuple[int, FloatArray]:
+    """Place ``occ_bone`` on chin's key slice (updates ``anat`` in place); returns the key axis.
+
+    The key axis is the canonical image axis nearest the anatomical left-right direction; the
+    plane ``key_normal . (w - chin_w) = 0`` (world) is ``(M^T key_normal) . (x - chin) = 0`` in
+    the anatomical frame (``w = M x + t``). The ridge is lengthened on the side of the point, if
+    needed, to extend ``ridge_r + RIDGE_END_MARGIN_MM`` past it.
+    """
+    canon = canonical_direction(direction)
+    m = pose[:3, :3]
+    left_right = m[:, 0] / np.linalg.norm(m[:, 0])
+    axis = int(np.argmax(np.abs(canon.T @ left_right)))
+    key_normal = canon[:, axis].copy()
+    normal = m.T @ key_normal
+    normal /= np.linalg.norm(normal)
+    phi = _key_slice_angle(anat, normal, anatomical_landmarks(anat)[GROUP_ANCHOR])
+    anat["occ_phi"] = phi
+    x = float(ridge_point(anat, phi)[0])
+    side = "ridge_l2" if x > 0 else "ridge_l1"  # the ridge spans x in [-l1, l2]
+    anat[side] = max(anat[side], abs(x) + anat["ridge_r"] + RIDGE_END_MARGIN_MM)
+    return axis, key_normal
+
+
 def _f32(v: ArrayLike) -> FloatArray:
     """Round to float32-representable values (what NIfTI stores) so files match exactly."""
     return np.asarray(v, dtype=np.float32).astype(np.float64)
@@ -330,6 +435,7 @@ def sample_case(seed: int, index: int, size: int = 96) -> PhantomCase:
     pose[:3, 3] = rng.uniform(-40.0, 40.0, size=3)
     storage = _STORAGE[index % len(_STORAGE)]
     direction = _direction(storage, rng)
+    key_axis, key_normal = _annotate_on_key_slice(anat, pose, direction)
     # Field of view: the anatomical box of the head and upper neck, posed, in storage axes.
     lo = np.array([-a - 14.0, -b - 18.0, -c - 40.0])
     hi = np.array([a + 14.0, b + 10.0, c + 10.0])
@@ -350,7 +456,8 @@ def sample_case(seed: int, index: int, size: int = 96) -> PhantomCase:
     coords = "RAS" if index % 5 == _RAS_LANDMARK_FILE else "LPS"
     return PhantomCase(
         index=index, case_id=f"case{index:03d}", anatomy=anat, anatomical_to_world=pose, geometry=geometry,
-        storage=storage, landmark_coords=coords, edge_mm=edge, noise_hu=rng.uniform(20.0, 40.0),
+        storage=storage, key_axis=key_axis, key_normal=key_normal, landmark_coords=coords,
+        edge_mm=edge, noise_hu=rng.uniform(20.0, 40.0),
         bias=rng.uniform(-1.0, 1.0, size=(2, 3, 2)) * np.array([0.05, 15.0])[:, None, None],
         scale=rng.uniform(0.95, 1.05), offset=rng.uniform(-25.0, 25.0),
     )  # fmt: skip
@@ -453,7 +560,7 @@ def generate_phantom(
     try:
         (tmp / "images").mkdir()
         (tmp / "landmarks").mkdir()
-        cases, frames = [], {}
+        cases, frames, key_axes = [], {}, set()
         for index in range(n_cases):
             case = sample_case(seed, index, size)
             image, marks = f"images/{case.case_id}.nii.gz", f"landmarks/{case.case_id}.fcsv"
@@ -461,8 +568,12 @@ def generate_phantom(
             write_landmarks(case.landmarks(), tmp / marks, coords=case.landmark_coords)
             cases.append({"id": case.case_id, "image": image, "landmarks": marks})
             frames[case.case_id] = case.anatomical_to_world.tolist()
+            key_axes.add(case.key_axis)
             if progress is not None:
                 progress(index + 1)
+        if len(key_axes) != 1:  # cannot happen: pose + obliquity stay below 45 degrees
+            raise RuntimeError(f"cases disagree on the key axis: {sorted(key_axes)}")
+        axis = key_axes.pop()
         spec = {
             "name": "phantom",
             "modality": "CT",
@@ -475,8 +586,10 @@ def generate_phantom(
                 "tool": "landmark3d phantom", "version": __version__, "design": DESIGN_VERSION,
                 "seed": seed, "cases": n_cases, "size": size,
                 "planted_correlated_group": {
-                    "landmarks": list(PLANTED_GROUP), "axis": "L",
-                    "plane": "mid-sagittal: x = 0 of each case's anatomical frame",
+                    "landmarks": list(PLANTED_GROUP), "anchor": GROUP_ANCHOR,
+                    "axis": "ijk"[axis], "axis_name": CANONICAL_AXIS_NAMES[axis],
+                    "key_slice": "anchor's continuous index along the axis of the canonical "
+                                 "(LPS-reoriented) image; the other members lie on it",
                 },
                 "anatomical_to_world": frames,
             },
