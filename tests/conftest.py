@@ -32,6 +32,9 @@ TINY_OVERRIDES: tuple[str, ...] = (
     "fine.channels=[4,8]",
     "fine.patch_size=[16,16,16]",
     "fine.val_every=1",
+    "correlated.epochs=2",
+    "correlated.channels=[4,8]",
+    "correlated.val_every=1",
 )
 """``--set`` overrides of ``phantom_demo`` that make a whole training run take seconds."""
 

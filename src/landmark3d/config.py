@@ -110,6 +110,52 @@ class FineConfig:
 
 
 @dataclass(frozen=True)
+class CorrelatedConfig:
+    """Fine stage for correlated landmark groups (the paper's contribution).
+
+    Groups come from the plan (``landmark3d prior`` writes them into dataset.json); a dataset
+    without groups trains no correlated model. Patches are those of the fine stage (size,
+    spacing, heatmap sigma, jitter); their centres are reset onto one shared key slice.
+
+    Attributes:
+        discover: when the dataset spec names no groups, find them in the training cases'
+            annotations (``landmark3d.prior.discover_groups``) while planning.
+        channels: U-Net channels per level of each group member's encoder/decoder (ours).
+        shared_encoder: one encoder for all members (paper: one per patch).
+        use_fusion, use_axis_attention, use_slice_detection: the paper's three components
+            (switching them off one by one gives the ablation rows).
+        lambda0, lambda1: weights of the heatmap and slice losses (paper: not stated; lambda1
+            0.005 balances a 1D profile MSE against a mostly-zero 3D heatmap MSE, see
+            ``landmark3d.networks.correlated.correlated_loss``).
+        combine: how the key-slice estimate and the heatmaps make the final coordinates:
+            "slice" (ours, default) puts every member on the detected key slice, keeping each
+            heatmap's in-slice position; "heatmap" ignores the slice estimate; "mean" averages
+            the members' heatmap positions along the axis with the slice estimate.
+        epochs, batch_size, optimizer, lr, momentum, weight_decay, lr_schedule,
+        samples_per_epoch, val_every: as in :class:`FineConfig`.
+    """
+
+    discover: bool = True
+    channels: tuple[int, ...] = (16, 32, 64, 128)
+    shared_encoder: bool = False
+    use_fusion: bool = True
+    use_axis_attention: bool = True
+    use_slice_detection: bool = True
+    lambda0: float = 1.0
+    lambda1: float = 0.005
+    combine: Literal["slice", "heatmap", "mean"] = "slice"
+    epochs: int = 300
+    batch_size: int = 4
+    optimizer: Optimizer = "adam"
+    lr: float = 1e-3
+    momentum: float = 0.9
+    weight_decay: float = 1e-8
+    lr_schedule: Schedule = "cosine"
+    samples_per_epoch: int | None = None
+    val_every: int = 1
+
+
+@dataclass(frozen=True)
 class AugmentConfig:
     """Training augmentation (paper: translation 10 % of the input, scaling 10 %, intensity 0.1).
 
@@ -150,7 +196,7 @@ class ExperimentConfig:
         device: "auto" (CUDA if available), "cpu" or "cuda".
         amp: mixed precision: "auto" (on for CUDA), True or False.
         num_threads: torch CPU threads; None = torch's default.
-        coarse, fine, augment, intensity: the sections.
+        coarse, fine, correlated, augment, intensity: the sections.
         source: file this config came from (not serialised; for messages only).
     """
 
@@ -160,6 +206,7 @@ class ExperimentConfig:
     num_threads: int | None = None
     coarse: CoarseConfig = field(default_factory=CoarseConfig)
     fine: FineConfig = field(default_factory=FineConfig)
+    correlated: CorrelatedConfig = field(default_factory=CorrelatedConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
     intensity: IntensityConfig = field(default_factory=IntensityConfig)
     source: str | None = field(default=None, compare=False, repr=False)
@@ -403,7 +450,7 @@ def _check_values(cfg: ExperimentConfig) -> None:
         if not ok:
             raise _err(ctx, tuple(kp.split(".")), f"'{kp}' {problem}", fix)
 
-    for sec_name, sec in (("coarse", c), ("fine", f)):
+    for sec_name, sec in (("coarse", c), ("fine", f), ("correlated", cfg.correlated)):
         need(sec.epochs >= 1, f"{sec_name}.epochs", "must be >= 1.", "use a positive number.")
         need(
             sec.batch_size >= 1, f"{sec_name}.batch_size", "must be >= 1.", "use a positive number."
@@ -417,6 +464,22 @@ def _check_values(cfg: ExperimentConfig) -> None:
             "must be >= 1 or null.",
             "use null for all cases.",
         )
+    k = cfg.correlated
+    need(
+        k.use_fusion or not (k.use_axis_attention or k.use_slice_detection),
+        "correlated.use_fusion",
+        "must be true when axis attention or slice detection is on (they gate the fused features).",
+        "set use_fusion: true, or switch use_axis_attention and use_slice_detection off.",
+    )
+    need(
+        k.lambda0 >= 0 and k.lambda1 >= 0, "correlated.lambda1", "must be >= 0.", "use e.g. 0.005."
+    )
+    need(
+        len(k.channels) == len(f.channels),
+        "correlated.channels",
+        "must have as many levels as fine.channels (the patch size is shared).",
+        f"use {len(f.channels)} values.",
+    )
     need(
         c.grid is None or min(c.grid) >= 16,
         "coarse.grid",

@@ -7,7 +7,8 @@ Run directory (``RUN``)::
     RUN/split.json         dataset, fold, train / validation / test case ids
     RUN/coarse/            trainer output of the coarse stage (metrics.csv, train.log,
                            checkpoints/best, checkpoints/last)
-    RUN/fine/              the same for the fine stage
+    RUN/fine/              the same for the fine stage (every landmark, independent U-Nets)
+    RUN/correlated/        the same for the correlated groups (only when the plan has groups)
     RUN/cache/             prepared (resampled, normalised) cases, unless ``cache_dir`` is given
 
 Splits: with ``fold=k`` the cases of fold k are the *test* cases (never seen in training or
@@ -17,6 +18,7 @@ random with the config's seed) is held out of training to pick the ``best`` chec
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -29,14 +31,16 @@ from landmark3d.config import ExperimentConfig
 from landmark3d.data.dataset import Dataset
 from landmark3d.data.preprocess import CaseCache
 from landmark3d.engine.checkpoint import checkpoint_exists
+from landmark3d.engine.correlated_stage import CorrelatedStage
 from landmark3d.engine.stages import CoarseStage, FineStage
 from landmark3d.engine.trainer import TrainerConfig, TrainResult, fit
 from landmark3d.errors import ConfigError, DatasetError, OutputExistsError
 from landmark3d.io.atomic import atomic_write_text
 from landmark3d.io.landmarks import landmark_format
 from landmark3d.planning import Plan, make_plan
+from landmark3d.prior import discover_groups
 
-STAGES = ("coarse", "fine")
+STAGES = ("coarse", "fine", "correlated")
 
 
 @dataclass
@@ -116,10 +120,16 @@ def _write_json(path: Path, obj: Any) -> None:
 def _load_or_make_plan(
     run: Path, dataset: Dataset, config: ExperimentConfig, split: Split, resume: bool
 ) -> Plan:
+    """The run's plan; groups come from the dataset spec or, if it names none and
+    ``correlated.discover`` is on, from the annotations of the training cases."""
     plan_path = run / "plan.json"
     if resume and plan_path.exists():
         return Plan.load(plan_path)
     plan = make_plan(dataset, config, split.train + split.val)
+    if not plan.correlated_groups and config.correlated.discover:
+        groups = discover_groups(dataset, split.train + split.val)
+        found = [g.to_dict() for g in groups if not g.coincident]
+        plan = dataclasses.replace(plan, correlated_groups=found)
     plan.save(plan_path)
     return plan
 
@@ -222,7 +232,9 @@ def train_run(
     for name in STAGES:
         if name not in stages:
             continue
-        cls = CoarseStage if name == "coarse" else FineStage
+        if name == "correlated" and not plan.correlated_groups:
+            continue  # no key-slice groups: every landmark is independent
+        cls = {"coarse": CoarseStage, "fine": FineStage, "correlated": CorrelatedStage}[name]
         stage = cls(dataset, plan, config, cache, split.train, split.val)
         stage_dir = run / name
         stage_resume = resume and checkpoint_exists(stage_dir / "checkpoints" / "last")

@@ -6,14 +6,18 @@ what prediction will do.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
 from landmark3d.data.preprocess import PreparedCase, coarse_sample, fine_patch, from_normalized
-from landmark3d.geometry.decode import decode_world
+from landmark3d.geometry.decode import dark_decode_1d, decode_world
+from landmark3d.geometry.space import Geometry
 from landmark3d.planning import Plan
 
 
@@ -80,3 +84,112 @@ def fine_predict(
         world, peak = decode_world(heat[None], vol.geometry, sigma_mm, method=decode)  # type: ignore[arg-type]
         out[row], peaks[row] = world[0], peak[0]
     return out, peaks
+
+
+# ---------------------------------------------------------------------------- correlated groups
+AXES = {"i": 0, "j": 1, "k": 2}
+
+
+def group_axis(group: Mapping[str, Any]) -> int:
+    """Index (0, 1, 2) of a correlated group's axis in the canonical (LPS-reoriented) image."""
+    axis = group.get("axis")
+    if isinstance(axis, int) and axis in (0, 1, 2):
+        return axis
+    if isinstance(axis, str) and axis in AXES:
+        return AXES[axis]
+    raise ValueError(f"correlated group {group.get('landmarks')} has no valid axis: {axis!r}")
+
+
+def reset_onto_key_slice(
+    geometry: Geometry, centers_world: np.ndarray, axis: int, shift_vox: float = 0.0
+) -> np.ndarray:
+    """Move centres (L, 3) world mm along image ``axis`` onto their mean slice (+ ``shift_vox``).
+
+    The move is along the image axis (not the world axis), so afterwards every centre has the
+    same continuous index along ``axis`` in ``geometry`` — the paper's "reset the coarse
+    centres onto the same slice".
+    """
+    idx = geometry.world_to_index(np.asarray(centers_world, dtype=np.float64))
+    idx[:, axis] = idx[:, axis].mean() + shift_vox
+    return geometry.index_to_world(idx)
+
+
+@dataclass
+class GroupPrediction:
+    """Output of :func:`correlated_predict` for one group.
+
+    Attributes:
+        world: (L, 3) final positions, LPS mm (after ``combine``).
+        heatmap_world: (L, 3) positions decoded from the heatmaps alone.
+        peaks: (L,) raw heatmap maxima.
+        slice_index: key-slice position from the slice profile, in patch voxels along the
+            axis (NaN without slice detection).
+    """
+
+    world: np.ndarray
+    heatmap_world: np.ndarray
+    peaks: np.ndarray
+    slice_index: float
+
+
+@torch.no_grad()
+def correlated_predict(
+    model: nn.Module,
+    group: Mapping[str, Any],
+    prepared: PreparedCase,
+    centers_world: np.ndarray,
+    plan: Plan,
+    sigma_mm: float,
+    decode: str,
+    combine: str,
+    device: torch.device,
+) -> GroupPrediction:
+    """Predict a correlated group from its members' (coarse) centres (L, 3) world mm.
+
+    The centres are reset onto their mean key slice, the L patches go through the model
+    together, each heatmap is decoded (DARK/argmax) on its patch grid, and the slice profile by
+    1D DARK. ``combine``: "slice" sets every member's index along the axis to the detected key
+    slice (falls back to the heatmaps without a profile); "heatmap" keeps the heatmap positions;
+    "mean" uses the average of the members' heatmap slice indices and the detected one.
+    """
+    axis = group_axis(group)
+    geom = prepared.geometry
+    centers = reset_onto_key_slice(geom, np.asarray(centers_world, dtype=np.float64), axis)
+    vols = [fine_patch(prepared, c, plan) for c in centers]
+    x = torch.from_numpy(np.stack([v.array for v in vols])[None]).to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        out = model(x)
+    finally:
+        model.train(was_training)
+    heat = out["heatmaps"].float().cpu().numpy()[0]
+    n = len(vols)
+    heat_world = np.full((n, 3), np.nan)
+    peaks = np.full(n, np.nan)
+    for row, vol in enumerate(vols):
+        w, p = decode_world(heat[row][None], vol.geometry, sigma_mm, method=decode)  # type: ignore[arg-type]
+        heat_world[row], peaks[row] = w[0], p[0]
+    slice_index = math.nan
+    if "slice_profile" in out:
+        profile = out["slice_profile"].float().cpu().numpy()[0]
+        sigma_vox = sigma_mm / float(plan.fine_spacing_mm[axis])
+        slice_index = (
+            dark_decode_1d(profile, sigma_vox) if decode == "dark" else float(np.argmax(profile))
+        )
+    world = heat_world.copy()
+    if combine in ("slice", "mean") and math.isfinite(slice_index):
+        for row, vol in enumerate(vols):
+            idx = vol.geometry.world_to_index(heat_world[row])
+            if combine == "slice":
+                idx[axis] = slice_index
+            else:
+                members = [
+                    v.geometry.world_to_index(hw)[axis]
+                    for v, hw in zip(vols, heat_world, strict=True)
+                ]
+                idx[axis] = 0.5 * (float(np.mean(members)) + slice_index)
+            world[row] = vol.geometry.index_to_world(idx)
+    elif combine not in ("slice", "heatmap", "mean"):
+        raise ValueError(f"unknown combine rule {combine!r}; use slice, heatmap or mean")
+    return GroupPrediction(world, heat_world, peaks, slice_index)
