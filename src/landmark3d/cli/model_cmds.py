@@ -226,8 +226,13 @@ def predict(
         str, typer.Option("--coords", help="Coordinate system written: LPS or RAS.")
     ] = "LPS",
     stage: Annotated[
-        str, typer.Option("--stage", help="fine (coarse + fine) or coarse (coarse only).")
-    ] = "fine",
+        str,
+        typer.Option(
+            "--stage",
+            help="auto (the best the run has), coarse (coarse only), fine (independent fine "
+            "models for all landmarks) or correlated (fine + key-slice models for groups).",
+        ),
+    ] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing prediction files.")
@@ -259,10 +264,13 @@ def predict(
 QUICK_OVERRIDES = [
     "coarse.epochs=3",
     "fine.epochs=3",
+    "correlated.epochs=3",
     "coarse.widths=[8,16,32,64]",
     "fine.channels=[4,8,16,32]",
+    "correlated.channels=[4,8,16,32]",
     "coarse.val_every=1",
     "fine.val_every=1",
+    "correlated.val_every=1",
 ]
 
 

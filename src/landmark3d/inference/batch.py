@@ -80,7 +80,7 @@ def predict_inputs(
     fold: int | None = None,
     fmt: str | None = None,
     coords: str = "LPS",
-    stage: str = "fine",
+    stage: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
@@ -93,9 +93,9 @@ def predict_inputs(
     """
     if (input_path is None) == (dataset_path is None):
         raise ImageError("give exactly one of --input and --dataset.", fix="choose one.")
-    if stage not in ("fine", "coarse"):
+    if stage not in ("auto", "coarse", "fine", "correlated"):
         raise CheckpointError(
-            f"unknown stage {stage!r}.", fix="use --stage fine or --stage coarse."
+            f"unknown stage {stage!r}.", fix="use --stage auto, coarse, fine or correlated."
         )
     predictor = Predictor(run, device=device, stage=stage)  # type: ignore[arg-type]
     fmt = fmt or training_landmark_format(run)

@@ -15,10 +15,11 @@ predicted outside the image is kept but flagged (``extras["outside_image"] = 1``
 
 from __future__ import annotations
 
+import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import numpy as np
 import SimpleITK as sitk
@@ -27,16 +28,18 @@ import torch
 from landmark3d.config import ExperimentConfig
 from landmark3d.data.preprocess import prepare_case
 from landmark3d.engine.checkpoint import load_weights_only, read_checkpoint_meta
+from landmark3d.engine.correlated_stage import build_group_models
 from landmark3d.engine.device import select_device
 from landmark3d.errors import CheckpointError
-from landmark3d.inference.steps import coarse_predict, fine_predict
+from landmark3d.inference.steps import coarse_predict, correlated_predict, fine_predict
 from landmark3d.io.images import read_image
 from landmark3d.io.landmark_set import LandmarkSet
 from landmark3d.networks.coarse import CoarseRegressor
 from landmark3d.networks.patch_unet import build_fine_models, fine_model_routes
+from landmark3d.packaging import extract_model_archive, is_model_archive
 from landmark3d.planning import Plan
 
-Stage = Literal["coarse", "fine"]
+Stage = Literal["auto", "coarse", "fine", "correlated"]
 
 
 @dataclass
@@ -70,10 +73,15 @@ class Predictor:
     """Landmark prediction with a trained run.
 
     Args:
-        run_dir: the ``--out`` directory of ``landmark3d train``.
+        run_dir: the ``--out`` directory of ``landmark3d train``, or a model archive
+            (``model.zip`` of ``landmark3d package``), unpacked into a temporary directory
+            that lives as long as the predictor (only its 'best' checkpoints are inside).
         device: "auto" (CUDA when present), "cpu", "cuda".
         checkpoint: "best" (selected on the validation cases) or "last".
-        stage: "fine" (coarse + fine) or "coarse" (coarse only).
+        stage: "coarse" (coarse only), "fine" (coarse + independent fine U-Nets for every
+            landmark), "correlated" (as "fine", but the members of each correlated group come
+            from the group's key-slice model), or "auto" (default): "correlated" when the run
+            has a correlated model, else "fine".
     """
 
     def __init__(
@@ -81,9 +89,14 @@ class Predictor:
         run_dir: str | Path,
         device: str = "auto",
         checkpoint: str = "best",
-        stage: Stage = "fine",
+        stage: Stage = "auto",
     ) -> None:
         self.run = Path(run_dir)
+        self.archive: Path | None = None
+        if is_model_archive(self.run):  # a `landmark3d package` zip: checked, then unpacked
+            self.archive = self.run
+            self._unpacked = tempfile.TemporaryDirectory(prefix="landmark3d-model-")
+            self.run = extract_model_archive(self.archive, self._unpacked.name)
         for name in ("config.json", "plan.json"):
             if not (self.run / name).is_file():
                 raise CheckpointError(
@@ -94,6 +107,9 @@ class Predictor:
         self.config = ExperimentConfig.from_json(self.run / "config.json")
         self.plan = Plan.load(self.run / "plan.json")
         self.device = select_device(device)
+        if stage == "auto":
+            has_groups = (self.run / "correlated" / "checkpoints" / checkpoint).is_dir()
+            stage = "correlated" if has_groups and self.plan.correlated_groups else "fine"
         self.stage: Stage = stage
         names = list(self.plan.landmark_names)
         expect = {"landmark_names": names}
@@ -106,7 +122,7 @@ class Predictor:
         self.fine: dict[str, torch.nn.Module] = {}
         self.fine_names: list[str] = []
         self.routes: dict[str, tuple[str, int]] = {}
-        if stage == "fine":
+        if stage in ("fine", "correlated"):
             fine_ckpt = _checkpoint(self.run, "fine", checkpoint)
             fmeta = read_checkpoint_meta(fine_ckpt)
             self.fine_names = list(fmeta.get("fine_landmarks", names))
@@ -115,6 +131,13 @@ class Predictor:
             load_weights_only(fine_ckpt, dict(modules.items()), expect)
             self.fine = {k: m.to(self.device).eval() for k, m in modules.items()}
             self.routes = fine_model_routes(self.fine_names, f.sharing)
+        self.groups: list[dict[str, Any]] = []
+        self.group_models: dict[str, torch.nn.Module] = {}
+        if stage == "correlated":
+            self.groups = [dict(g) for g in self.plan.correlated_groups]
+            models = build_group_models(self.groups, self.config.correlated)
+            load_weights_only(_checkpoint(self.run, "correlated", checkpoint), dict(models), expect)
+            self.group_models = {k: m.to(self.device).eval() for k, m in models.items()}
         self.meta = meta
 
     @property
@@ -140,27 +163,33 @@ class Predictor:
         t2 = time.perf_counter()
         coords = coarse.copy()
         extras: dict[str, dict[str, float | str]] = {n: {} for n in self.landmark_names}
-        if self.stage == "fine" and self.fine_names:
-            rows = [self.landmark_names.index(n) for n in self.fine_names]
-            f = self.config.fine
-            fine, peaks = fine_predict(
-                self.fine,
-                self.routes,
-                self.fine_names,
-                prepared,
-                coarse[rows],
-                self.plan,
-                f.sigma_mm,
-                f.decode,
-                self.device,
-            )
-            for r, name, p, peak in zip(rows, self.fine_names, fine, peaks, strict=True):
+
+        def accept(names: list[str], world: np.ndarray, peaks: np.ndarray, model: str) -> None:
+            for name, p, peak in zip(names, world, peaks, strict=True):
                 if np.isfinite(p).all():
+                    r = self.landmark_names.index(name)
                     coords[r] = p
                     extras[name]["heatmap_peak"] = round(float(peak), 4)
                     extras[name]["coarse_fine_shift_mm"] = round(
                         float(np.linalg.norm(p - coarse[r])), 3
                     )
+                    extras[name]["model"] = model
+
+        f = self.config.fine
+        if self.fine_names:
+            rows = [self.landmark_names.index(n) for n in self.fine_names]
+            fine, peaks = fine_predict(
+                self.fine, self.routes, self.fine_names, prepared, coarse[rows], self.plan,
+                f.sigma_mm, f.decode, self.device,
+            )  # fmt: skip
+            accept(self.fine_names, fine, peaks, "fine")
+        for g, group in enumerate(self.groups):
+            rows = [self.landmark_names.index(n) for n in group["landmarks"]]
+            gp = correlated_predict(
+                self.group_models[f"group{g}"], group, prepared, coarse[rows], self.plan,
+                f.sigma_mm, f.decode, self.config.correlated.combine, self.device,
+            )  # fmt: skip
+            accept(list(group["landmarks"]), gp.world, gp.peaks, f"correlated:group{g}")
         t3 = time.perf_counter()
         inside = prepared.canonical_geometry.contains_world(coords)
         for name, ok in zip(self.landmark_names, inside.tolist(), strict=True):
