@@ -98,7 +98,7 @@ def predict_inputs(
             f"unknown stage {stage!r}.", fix="use --stage auto, coarse, fine or correlated."
         )
     predictor = Predictor(run, device=device, stage=stage)  # type: ignore[arg-type]
-    fmt = fmt or training_landmark_format(run)
+    fmt = fmt or training_landmark_format(predictor.run)
     if fmt not in LANDMARK_FORMATS:
         raise ImageError(
             f"unknown landmark format {fmt!r}.", fix=f"use one of {', '.join(LANDMARK_FORMATS)}."
