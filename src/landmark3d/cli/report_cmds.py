@@ -25,7 +25,9 @@ def cv(
     ] = None,
     stage: Annotated[
         list[str] | None,
-        typer.Option("--stage", help="Train only this stage: coarse, fine (repeatable)."),
+        typer.Option(
+            "--stage", help="Train only this stage: coarse, fine, correlated (repeatable)."
+        ),
     ] = None,
     resume: Annotated[
         bool, typer.Option("--resume", help="Skip complete folds; continue interrupted ones.")
@@ -40,8 +42,9 @@ def cv(
 ) -> None:
     """Cross-validate: train, predict and evaluate every fold; pooled and per-fold tables.
 
-    Writes OUT/cv.json and OUT/cv.md (MRE (SD), SDR@2/2.5/3/4/8 mm, per landmark, coarse vs
-    fine). A fold that fails is recorded and the others go on; the exit code is then 1.
+    Writes OUT/cv.json and OUT/cv.md: MRE (SD), SDR@2/2.5/3/4/8 mm, per landmark, coarse vs fine vs correlated.
+
+    A fold (or one stage of a fold) that fails is recorded, the others go on, and the exit code is 1; --resume redoes only what is missing.
 
     Example: [bold]landmark3d cv --config phantom_demo --dataset data/phantom --folds 3 --out runs/cv[/]
     """
@@ -72,7 +75,7 @@ def cv(
         log=lambda msg: err_console.print(msg, highlight=False),
     )
     for name, summary in result.pooled.items():
-        print_summary_table(summary, title=f"{name}: pooled over the complete folds")
+        print_summary_table(summary, title=f"{name}: pooled over the folds")
     console.print(f"wrote {out / CV_JSON} and {out / CV_MD}")
     if report and result.pooled:
         from landmark3d.reporting.html import build_report
@@ -81,7 +84,10 @@ def cv(
         console.print(f"report: {rep.html}")
     if result.failed:
         for f in result.failed:
-            err_console.print(f"[red]fold {f.fold} failed:[/] {f.error}", highlight=False)
+            if f.error:
+                err_console.print(f"[red]fold {f.fold} failed:[/] {f.error}", highlight=False)
+            for s, e in f.stage_errors.items():
+                err_console.print(f"[red]fold {f.fold}, stage {s} failed:[/] {e}", highlight=False)
         raise typer.Exit(1)
 
 
