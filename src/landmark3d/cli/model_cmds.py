@@ -197,7 +197,12 @@ def train(
 @app.command()
 def predict(
     model: Annotated[
-        Path, typer.Option("--model", "-m", help="Run directory of `landmark3d train`.")
+        Path,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Run directory of `landmark3d train`, or a model.zip of `landmark3d package`.",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory for one landmark file per image.")],
     input: Annotated[
@@ -298,7 +303,7 @@ def demo(
     from landmark3d.evaluation import write_evaluation
     from landmark3d.inference.batch import predict_inputs
 
-    n_cases, size = (9, 64) if quick else (30, 96)
+    n_cases, size = (9, 48) if quick else (30, 96)
     spec = data / "dataset.json"
     if spec.exists():
         ds = load_dataset(spec)
@@ -313,15 +318,24 @@ def demo(
         raise typer.Exit(1)
     console.print(f"[bold]2/5[/] verified: {len(report.problems)} problem(s)")
     cfg = apply_overrides(load_config("phantom_demo"), QUICK_OVERRIDES if quick else [])
-    console.print("[bold]3/5[/] training coarse and fine stages (config phantom_demo)")
+    console.print("[bold]3/5[/] training coarse, fine and correlated stages (config phantom_demo)")
     result = train_run(ds, cfg, out, fold=fold, overwrite=True, cache_dir=out / "cache")
     pred_dir = out / "predictions"
     console.print(f"[bold]4/5[/] predicting {len(result.split.test)} held-out case(s)")
+    stage_dirs = {"coarse": out / "predictions_coarse", "fine": out / "predictions_fine"}
+    for stage, d in stage_dirs.items():
+        predict_inputs(out, d, dataset_path=spec, fold=fold, stage=stage, overwrite=True)
     predict_inputs(out, pred_dir, dataset_path=spec, fold=fold, overwrite=True)
-    coarse_dir = out / "predictions_coarse"
-    predict_inputs(out, coarse_dir, dataset_path=spec, fold=fold, stage="coarse", overwrite=True)
+    final = (
+        "coarse + fine + correlated groups" if result.plan.correlated_groups else "coarse + fine"
+    )
     console.print("[bold]5/5[/] evaluating")
-    for name, d in (("coarse only", coarse_dir), ("coarse + fine", pred_dir)):
+    titles = [
+        ("coarse only", stage_dirs["coarse"]),
+        ("coarse + independent fine", stage_dirs["fine"]),
+        (f"final: {final}", pred_dir),
+    ]
+    for name, d in titles:
         ev = run_evaluation(d, ds, cases=result.split.test)
         write_evaluation(ev, d, overwrite=True)
         print_summary_table(ev.summary, title=f"{name}: held-out fold {fold}")

@@ -26,8 +26,9 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 
-from landmark3d.config import ExperimentConfig
+from landmark3d.config import CoarseConfig, CorrelatedConfig, ExperimentConfig, FineConfig
 from landmark3d.data.dataset import Dataset
 from landmark3d.data.preprocess import CaseCache
 from landmark3d.engine.checkpoint import checkpoint_exists
@@ -82,13 +83,22 @@ def make_split(dataset: Dataset, fold: int | None, seed: int, val_fraction: floa
     )
 
 
+def stage_seed(config: ExperimentConfig, stage: str) -> int:
+    """Seed of a stage: its initial weights and its training randomness derive from it."""
+    return config.seed + STAGES.index(stage)
+
+
 def trainer_config(config: ExperimentConfig, stage: str) -> TrainerConfig:
     """Loop settings for ``stage`` from the experiment config."""
-    section = config.coarse if stage == "coarse" else config.fine
+    section: CoarseConfig | FineConfig | CorrelatedConfig = config.coarse
+    if stage == "fine":
+        section = config.fine
+    elif stage == "correlated":
+        section = config.correlated
     return TrainerConfig(
         epochs=section.epochs,
         val_every=section.val_every,
-        seed=config.seed + (0 if stage == "coarse" else 1),
+        seed=stage_seed(config, stage),
         device=config.device,
         amp=config.amp,
         num_threads=config.num_threads,
@@ -235,6 +245,7 @@ def train_run(
         if name == "correlated" and not plan.correlated_groups:
             continue  # no key-slice groups: every landmark is independent
         cls = {"coarse": CoarseStage, "fine": FineStage, "correlated": CorrelatedStage}[name]
+        torch.manual_seed(stage_seed(config, name))  # initial weights: same seed, same network
         stage = cls(dataset, plan, config, cache, split.train, split.val)
         stage_dir = run / name
         stage_resume = resume and checkpoint_exists(stage_dir / "checkpoints" / "last")

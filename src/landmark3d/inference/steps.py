@@ -88,6 +88,7 @@ def fine_predict(
 
 # ---------------------------------------------------------------------------- correlated groups
 AXES = {"i": 0, "j": 1, "k": 2}
+COMBINE_RULES = ("slice", "heatmap", "mean")
 
 
 def group_axis(group: Mapping[str, Any]) -> int:
@@ -152,6 +153,8 @@ def correlated_predict(
     slice (falls back to the heatmaps without a profile); "heatmap" keeps the heatmap positions;
     "mean" uses the average of the members' heatmap slice indices and the detected one.
     """
+    if combine not in COMBINE_RULES:
+        raise ValueError(f"unknown combine rule {combine!r}; use slice, heatmap or mean")
     axis = group_axis(group)
     geom = prepared.geometry
     centers = reset_onto_key_slice(geom, np.asarray(centers_world, dtype=np.float64), axis)
@@ -190,6 +193,4 @@ def correlated_predict(
                 ]
                 idx[axis] = 0.5 * (float(np.mean(members)) + slice_index)
             world[row] = vol.geometry.index_to_world(idx)
-    elif combine not in ("slice", "heatmap", "mean"):
-        raise ValueError(f"unknown combine rule {combine!r}; use slice, heatmap or mean")
     return GroupPrediction(world, heat_world, peaks, slice_index)
