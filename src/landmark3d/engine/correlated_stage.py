@@ -180,8 +180,9 @@ class CorrelatedStage(_StageBase):
             with autocast_ctx():
                 out = self.models[key](patches.to(device))
             out = {name: t.float() for name, t in out.items()}
+            amp = self.config.fine.heatmap_amplitude  # same target scale as the fine stage
             terms = correlated_loss(
-                out, heatmaps.to(device), profiles.to(device), k.lambda0, k.lambda1
+                out, heatmaps.to(device) * amp, profiles.to(device) * amp, k.lambda0, k.lambda1
             )
             losses.append(terms["loss"])
         if not losses:  # no case in this batch has a complete group

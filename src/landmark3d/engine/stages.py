@@ -250,6 +250,7 @@ class FineStage(_StageBase):
         self, batch: Any, device: torch.device, autocast_ctx: AutocastFactory
     ) -> torch.Tensor:
         patches, targets = (t.to(device) for t in batch)
+        targets = targets * self.config.fine.heatmap_amplitude
         b, n_lm = patches.shape[:2]
         size = patches.shape[2:]
         if self.config.fine.sharing == "shared":
