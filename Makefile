@@ -33,6 +33,8 @@ lint: $(STAMP)
 bench: $(STAMP)
 	$(PY) benchmarks/bench_detector.py
 	$(PY) benchmarks/bench_ablation.py
+	$(PY) benchmarks/bench_suite.py --reuse
+	$(PY) benchmarks/bench_confidence.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -161,9 +161,9 @@ class Plan:
             raise ConfigError(exc.problem, path=source, fix=exc.fix) from None
         return plan
 
-    def save(self, path: str | Path) -> Path:
-        """Write ``plan.json`` atomically."""
-        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n")
+    def save(self, path: str | Path, overwrite: bool = True) -> Path:
+        """Write ``plan.json`` atomically (OutputExistsError if it exists and not ``overwrite``)."""
+        return atomic_write_text(path, json.dumps(self.to_dict(), indent=2) + "\n", overwrite)
 
     @classmethod
     def load(cls, path: str | Path) -> Plan:
@@ -171,9 +171,9 @@ class Plan:
         p = Path(path)
         try:
             data = json.loads(p.read_text(encoding="utf-8"))
-        except OSError as exc:
+        except (OSError, UnicodeDecodeError) as exc:
             raise ConfigError(
-                f"cannot read plan: {exc.strerror or exc}.",
+                f"cannot read plan: {getattr(exc, 'strerror', None) or exc}.",
                 path=p,
                 fix="run `landmark3d plan` first, or check the path.",
             ) from None

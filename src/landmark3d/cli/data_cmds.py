@@ -57,6 +57,9 @@ def verify(
     no_images: Annotated[
         bool, typer.Option("--no-images", help="Check landmark files and the spec only.")
     ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
+    ] = False,
 ) -> None:
     """Check a dataset and report every problem with its file and fix (exit 1 on errors).
 
@@ -64,8 +67,10 @@ def verify(
     """
     from landmark3d.data.dataset import load_dataset
     from landmark3d.data.verify import verify_dataset
-    from landmark3d.io.atomic import atomic_write_text
+    from landmark3d.io.atomic import atomic_write_text, check_writable
 
+    if json_out is not None:
+        check_writable(json_out, overwrite)  # refuse before the (slow) image checks
     ds = load_dataset(dataset)
     report = verify_dataset(ds, check_images=not no_images)
     summary = report.to_dict().get("summary", {})
@@ -79,7 +84,9 @@ def verify(
     n_err = sum(p.severity == "error" for p in report.problems)
     n_warn = len(report.problems) - n_err
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps(report.to_dict(), indent=2, default=str))
+        atomic_write_text(
+            json_out, json.dumps(report.to_dict(), indent=2, default=str), overwrite=overwrite
+        )
     console.print(f"{n_err} error(s), {n_warn} warning(s)")
     if not report.ok:
         raise typer.Exit(1)

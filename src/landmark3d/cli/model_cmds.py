@@ -1,4 +1,4 @@
-"""Model commands: plan, prior, train, predict, demo."""
+"""Model commands: plan, prior, train, predict, calibrate, demo."""
 
 from __future__ import annotations
 
@@ -46,21 +46,27 @@ def plan(
         int | None, typer.Option("--fold", help="Plan on the training cases of this fold only.")
     ] = None,
     overrides: OverrideOption = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --out file.")
+    ] = False,
 ) -> None:
     """Derive the plan (orientation, coarse grid, fine spacing, patch size, intensity window).
 
     Example: [bold]landmark3d plan data/phantom --config phantom_demo --out runs/plan.json[/]
     """
     from landmark3d.data.dataset import load_dataset
+    from landmark3d.io.atomic import check_writable
     from landmark3d.planning import make_plan
 
+    if out is not None:
+        check_writable(out, overwrite)  # refuse before reading any image
     ds = load_dataset(dataset)
     cfg = _load_config(config, overrides)
     ids = ds.split(fold)[0] if fold is not None else None
     p = make_plan(ds, cfg, ids)
     console.print_json(json.dumps(p.to_dict()))
     if out is not None:
-        p.save(out)
+        p.save(out, overwrite=overwrite)
         console.print(f"wrote {out}")
 
 
@@ -93,6 +99,9 @@ def prior(
     json_out: Annotated[
         Path | None, typer.Option("--json", help="Also write the groups as JSON here.")
     ] = None,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an existing --json file.")
+    ] = False,
 ) -> None:
     """Discover landmarks annotated on one common key slice (correlated groups).
 
@@ -103,9 +112,11 @@ def prior(
 
     from landmark3d.data.dataset import load_dataset
     from landmark3d.errors import DatasetError
-    from landmark3d.io.atomic import atomic_write_text
+    from landmark3d.io.atomic import atomic_write_text, check_writable
     from landmark3d.prior import apply_groups_to_spec, discover_groups
 
+    if json_out is not None:
+        check_writable(json_out, overwrite)  # refuse before reading the dataset
     ds = load_dataset(dataset)
     cases = None if fold is None else ds.split(fold)[0]
     total = len(ds.cases) if cases is None else len(cases)
@@ -130,7 +141,9 @@ def prior(
             f"no correlated groups (tolerance {tolerance} voxel, >= {min_fraction:.0%} of cases)"
         )
     if json_out is not None:
-        atomic_write_text(json_out, json.dumps([g.to_dict() for g in groups], indent=2) + "\n")
+        atomic_write_text(
+            json_out, json.dumps([g.to_dict() for g in groups], indent=2) + "\n", overwrite
+        )
     if write:
         if ds.layout != "spec" or ds.source is None:
             raise DatasetError(
@@ -242,13 +255,42 @@ def predict(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace existing prediction files.")
     ] = False,
+    tta: Annotated[
+        bool | None,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Test-time augmentation: rerun the fine stage from shifted patch centres and "
+            "write tta_spread_mm (slower). Default: as the run's calibration was fitted.",
+        ),
+    ] = None,
+    absence: Annotated[
+        bool | None,
+        typer.Option(
+            "--absence/--no-absence",
+            help="Report landmarks predicted beyond the image as absent. Default: on for runs "
+            "trained on cropped scans (see calibration.json).",
+        ),
+    ] = None,
+    flag_above: Annotated[
+        float | None,
+        typer.Option(
+            "--flag-above",
+            min=0.0,
+            help="Mark landmarks whose calibrated expected error exceeds MM (flagged=1) and "
+            "list them.",
+        ),
+    ] = None,
 ) -> None:
     """Predict landmarks in world coordinates; writes one file per image and timings.json.
+
+    With a calibrated run (RUN/calibration.json) every landmark carries confidence,
+    expected_error_mm and p_error_gt_4mm next to its coordinate.
 
     Example: [bold]landmark3d predict --model runs/f0 --input scan.nii.gz --out pred/ --format fcsv[/]
     """
     from landmark3d.inference.batch import predict_inputs
 
+    flagged: list[tuple[str, str, float]] = []
     written = predict_inputs(
         model,
         out,
@@ -261,8 +303,62 @@ def predict(
         device=device,
         overwrite=overwrite,
         progress=lambda name: err_console.print(f"predicted {name}", highlight=False),
+        tta=tta,
+        absence=absence,
+        flag_above=flag_above,
+        flagged=flagged,
     )
+    if flag_above is not None:
+        console.print(
+            f"{len(flagged)} landmark(s) flagged (expected error > {flag_above:g} mm)",
+            highlight=False,
+        )
+        for cid, name, err in flagged:
+            console.print(f"flagged {cid} {name}: expected error {err:.1f} mm", highlight=False)
     console.print(f"wrote {len(written)} prediction file(s) and timings.json to {out}")
+
+
+# ----------------------------------------------------------------------------- calibrate
+@app.command()
+def calibrate(
+    model: Annotated[
+        Path, typer.Option("--model", "-m", help="Run directory of `landmark3d train`.")
+    ],
+    dataset: Annotated[
+        Path | None,
+        typer.Option("--dataset", help="The run's dataset (default: the one in split.json)."),
+    ] = None,
+    tta: Annotated[
+        bool, typer.Option("--tta", help="Also fit on the test-time-augmentation spread.")
+    ] = False,
+    device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+) -> None:
+    """Fit the confidence calibration on the run's validation cases (RUN/calibration.json).
+
+    `landmark3d train` does this after training; use it for older runs or with --tta.
+    Example: [bold]landmark3d calibrate --model runs/f0[/]
+    """
+    from landmark3d.data.dataset import load_dataset
+    from landmark3d.engine.calibrate import calibrate_run
+
+    ds = load_dataset(dataset) if dataset is not None else None
+    cal = calibrate_run(
+        model,
+        ds,
+        tta=tta,
+        device=device,
+        progress=lambda name: err_console.print(f"predicted {name}", highlight=False),
+    )
+    s = cal.stats
+    rho = s.get("spearman_score_error")
+    console.print(
+        f"calibrated on {s.get('n_cases')} validation case(s), {s.get('n_points')} landmarks "
+        f"(MRE {s.get('mre_mm') or float('nan'):.2f} mm, rank correlation score~error "
+        f"{'n/a' if rho is None else f'{rho:.2f}'}); absence margin {cal.absence_margin_mm:g} mm "
+        f"({'on' if cal.absence_enabled else 'off'} by default)",
+        highlight=False,
+    )
+    console.print(f"wrote {model / 'calibration.json'}")
 
 
 # ----------------------------------------------------------------------------- demo

@@ -53,6 +53,44 @@ def closest_match(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str
     return lowered[found[0]] if found else None
 
 
+def _one_edit_apart(a: str, b: str) -> bool:
+    """Whether ``a`` becomes ``b`` by one deletion, insertion, substitution or transposition."""
+    if a == b or abs(len(a) - len(b)) > 1:
+        return False
+    if len(a) == len(b):
+        diff = [i for i in range(len(a)) if a[i] != b[i]]
+        return len(diff) == 1 or (
+            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
+            and a[diff[1]] == b[diff[0]]
+        )  # fmt: skip
+    short, long_ = (a, b) if len(a) < len(b) else (b, a)
+    return any(long_[:i] + long_[i + 1 :] == short for i in range(len(long_)))
+
+
+def misspelling_of(key: str, choices: Iterable[str], cutoff: float = 0.75) -> str | None:
+    """The valid key that ``key`` looks like a misspelling of, or None.
+
+    A key is a misspelling if difflib finds a match at ``cutoff`` or it is one edit (deletion,
+    insertion, substitution, transposition; case-insensitive) from a valid key — the second rule
+    catches typos in short keys such as ``"ix"`` for ``"id"``.
+    """
+    options = list(choices)
+    match = closest_match(key, options, cutoff)
+    if match is not None:
+        return match
+    near = [c for c in options if _one_edit_apart(key.lower(), c.lower())]
+    return near[0] if near else None
+
+
+def json_key_line(text: str, key: str) -> int | None:
+    """1-based line of the first ``"key":`` in JSON ``text``, or None (for error messages)."""
+    for quoted in dict.fromkeys((json.dumps(key, ensure_ascii=False), json.dumps(key))):
+        m = re.search(re.escape(quoted) + r"\s*:", text)
+        if m is not None:
+            return text.count("\n", 0, m.start()) + 1
+    return None
+
+
 def did_you_mean(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str:
     """``" Did you mean 'x'?"`` for the closest entry of ``choices``, or ``""``."""
     match = closest_match(name, choices, cutoff)
@@ -434,6 +472,12 @@ def _load_spec(spec_path: Path) -> Dataset:
         raise DatasetError(f"cannot read the dataset spec: {e}", path=spec_path) from None
     try:
         data = json.loads(text, object_pairs_hook=_no_duplicate_keys)
+    except RecursionError:
+        raise DatasetError(
+            "JSON is nested too deeply to be a dataset spec.",
+            path=spec_path,
+            fix="check the file is a dataset.json (see docs/dataset_format.md).",
+        ) from None
     except json.JSONDecodeError as e:
         raise DatasetError(
             f"not valid JSON: {e.msg} (column {e.colno}).",
@@ -445,6 +489,7 @@ def _load_spec(spec_path: Path) -> Dataset:
         raise DatasetError(
             f"key {e.args[0]!r} appears twice in one object.",
             path=spec_path,
+            line=json_key_line(text, e.args[0]),
             fix="keep one of them.",
         ) from None
     if not isinstance(data, dict):
@@ -454,18 +499,21 @@ def _load_spec(spec_path: Path) -> Dataset:
             fix='start from {"name": ..., "modality": ..., "landmarks": [...], "cases": [...]}.',
         )
 
-    def bad(problem: str, fix: str) -> DatasetError:
-        return DatasetError(problem, path=spec_path, fix=fix)
+    def bad(problem: str, fix: str, key: str | None = None) -> DatasetError:
+        line = None if key is None else json_key_line(text, key)
+        return DatasetError(problem, path=spec_path, line=line, fix=fix)
 
     known = REQUIRED_KEYS + OPTIONAL_KEYS
     extra: dict[str, Any] = {}
     for key in data:
         if key in known:
             continue
-        match = closest_match(key, known, cutoff=0.75)
+        match = misspelling_of(key, known)
         if match is not None:
             raise bad(
-                f"unknown key {key!r}. Did you mean {match!r}?", f"rename {key!r} to {match!r}."
+                f"unknown key {key!r}. Did you mean {match!r}?",
+                f"rename {key!r} to {match!r}.",
+                key,
             )
         extra[key] = data[key]
     missing = [k for k in REQUIRED_KEYS if k not in data]
@@ -476,19 +524,27 @@ def _load_spec(spec_path: Path) -> Dataset:
         )
     name = data["name"]
     if not isinstance(name, str) or not name.strip():
-        raise bad('"name" must be a non-empty string.', 'set "name", e.g. "pddca".')
-    modality = parse_modality(data["modality"], spec_path)
+        raise bad('"name" must be a non-empty string.', 'set "name", e.g. "pddca".', "name")
+    modality = parse_modality(data["modality"], spec_path, json_key_line(text, "modality"))
     names = data["landmarks"]
     if not (isinstance(names, list) and names and all(isinstance(n, str) and n for n in names)):
         raise bad(
             '"landmarks" must be a non-empty list of names.',
             'e.g. "landmarks": ["chin", "occ_bone"].',
+            "landmarks",
         )
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise bad(f"landmark name(s) listed twice: {', '.join(dup)}.", "list every landmark once.")
+        raise bad(
+            f"landmark name(s) listed twice: {', '.join(dup)}.",
+            "list every landmark once.",
+            "landmarks",
+        )
     system = data.get("coordinate_system")
-    system = None if system is None else parse_coordinate_system(system, spec_path)
+    if system is not None:
+        system = parse_coordinate_system(
+            system, spec_path, json_key_line(text, "coordinate_system")
+        )
     root = spec_path.parent
 
     raw_cases = data["cases"]
@@ -496,7 +552,10 @@ def _load_spec(spec_path: Path) -> Dataset:
         raise bad(
             '"cases" must be a list.',
             'e.g. "cases": [{"id": "c1", "image": "images/c1.nii.gz", "landmarks": "landmarks/c1.fcsv"}].',
+            "cases",
         )
+    if not raw_cases:
+        raise bad('"cases" is empty.', "list at least one case.", "cases")
     cases: list[CaseSpec] = []
     seen: set[str] = set()
     for i, entry in enumerate(raw_cases):
@@ -509,11 +568,12 @@ def _load_spec(spec_path: Path) -> Dataset:
         for key in entry:
             if key in CASE_KEYS:
                 continue
-            match = closest_match(key, CASE_KEYS, cutoff=0.75)
+            match = misspelling_of(key, CASE_KEYS)
             if match is not None:
                 raise bad(
                     f"{where}: unknown key {key!r}. Did you mean {match!r}?",
                     f"rename it to {match!r}.",
+                    key,
                 )
             case_extra[key] = entry[key]
         cid, image, lm = entry.get("id"), entry.get("image"), entry.get("landmarks")
@@ -540,24 +600,36 @@ def _load_spec(spec_path: Path) -> Dataset:
         raise bad(
             '"folds" must be a list of lists of case ids.',
             'e.g. "folds": [["c1", "c2"], ["c3", "c4"]].',
+            "folds",
         )
     folds = [[str(c) for c in f] for f in raw_folds]
     issues = fold_issues(folds, [c.id for c in cases])
     if issues:
-        raise bad(" ".join(issues), 'correct "folds": each case id once, in at most one fold.')
+        raise bad(
+            " ".join(issues), 'correct "folds": each case id once, in at most one fold.', "folds"
+        )
 
     groups = data.get("correlated_groups", [])
     if not (isinstance(groups, list) and all(isinstance(g, dict) for g in groups)):
         raise bad(
             '"correlated_groups" must be a list of objects.',
             'e.g. [{"landmarks": ["chin", "occ_bone"]}].',
+            "correlated_groups",
         )
     for g in groups:
-        for n in g.get("landmarks", []):
+        members = g.get("landmarks", [])
+        if not (isinstance(members, list) and all(isinstance(n, str) for n in members)):
+            raise bad(
+                'every "correlated_groups" entry needs "landmarks": a list of landmark names.',
+                'e.g. [{"landmarks": ["chin", "occ_bone"]}].',
+                "correlated_groups",
+            )
+        for n in members:
             if n not in names:
                 raise bad(
                     f'correlated group names {n!r}, which is not in "landmarks".{did_you_mean(n, names)}',
                     "use the dataset's landmark names.",
+                    "correlated_groups",
                 )
     return Dataset(
         name=name,

@@ -72,8 +72,8 @@ def normalize(array: ArrayLike, intensity: Mapping[str, Any]) -> F32:
     if mode == "mr_zscore":
         p_lo, p_hi = (float(p) for p in intensity["percentiles"])
         lo, hi = np.percentile(a, [p_lo, p_hi])
-        c = np.clip(a, lo, hi)
-        std = float(c.std())
+        c = np.clip(a, lo, hi)  # float64: the percentiles are float64, so the statistics
+        std = float(c.std())  # cannot overflow even for uint64 / float32-max images
         return ((c - float(c.mean())) / max(std, 1e-6)).astype(np.float32)
     raise ValueError(f"unknown intensity mode {mode!r}")
 
@@ -151,11 +151,20 @@ def prepare_case(
     can = canonical(image, plan.orientation)
     can_geom = Geometry.from_sitk(can)
     # voxelwise normalisation: the array's axis order does not matter here
-    arr = sitk.GetArrayFromImage(can).astype(np.float32, copy=False)
-    if not np.isfinite(arr).all():
-        raise ImageError(
-            f"case {case_id!r}: image has NaN/inf voxels.", fix="repair or exclude the image."
-        )
+    raw = sitk.GetArrayViewFromImage(can)
+    if raw.dtype.kind == "f":
+        if not np.isfinite(raw).all():
+            raise ImageError(
+                f"case {case_id!r}: image has NaN/inf voxels.", fix="repair or exclude the image."
+            )
+        peak = max(abs(float(raw.max())), abs(float(raw.min()))) if raw.size else 0.0
+        if peak > float(np.finfo(np.float32).max):  # only float64 images can get here
+            raise ImageError(
+                f"case {case_id!r}: voxel values reach {peak:.3g}, beyond the float32 range "
+                "(3.4e38) used for processing.",
+                fix="rescale the image intensities (e.g. to HU for CT) and save it again.",
+            )
+    arr = raw.astype(np.float32, copy=False)  # integers (even 64 bit) fit float32's range
     norm = normalize(arr, plan.intensity)
     background = 0.0 if plan.intensity.get("mode") == "ct_window" else float(norm.min())
     norm_img = sitk.GetImageFromArray(norm)

@@ -11,8 +11,9 @@ Layout of a checkpoint directory (format version :data:`FORMAT_VERSION`)::
                            {"__tensor__": "<key in optimizer.safetensors>"}
     state.json             training progress (epoch, global step, best metric, ...) and the
                            numpy / python RNG states as JSON
-    meta.json              landmark3d version, format version, creation time and what the
-                           caller passed (stage, landmark names, config, plan, ...)
+    meta.json              landmark3d version, format version, creation time, the sha256 of
+                           both safetensors files (checked on load) and what the caller
+                           passed (stage, landmark names, config, plan, ...)
 
 The directory is assembled under a temporary name beside the destination and moved into
 place with ``rename``. An existing checkpoint is replaced by a rename swap
@@ -24,6 +25,7 @@ old one sits at ``.dest.old`` and is moved back by the next save or load.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import math
 import os
@@ -37,7 +39,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, load_file, save_file
 from torch import nn
 
 import landmark3d
@@ -50,6 +52,7 @@ OPT_JSON = "optimizer.json"
 STATE = "state.json"
 META = "meta.json"
 REQUIRED_FILES = (WEIGHTS, OPT_TENSORS, OPT_JSON, STATE, META)
+SHA256 = "sha256"  # meta.json entry: {file name: hex digest} of the two safetensors files
 
 _TENSOR, _TUPLE, _DICT, _FLOAT = "__tensor__", "__tuple__", "__dict__", "__float__"
 _MARKERS = {_TENSOR, _TUPLE, _DICT, _FLOAT}
@@ -175,10 +178,12 @@ def _write_json(path: Path, obj: Any) -> None:
         os.fsync(fh.fileno())
 
 
-def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
+    """Write a safetensors file (fsynced); returns its sha256 (hex), recorded in meta.json."""
     save_file(tensors, str(path), metadata={"format": "pt", "landmark3d": landmark3d.__version__})
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
+    return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
 def _fsync_dir(path: Path) -> None:
@@ -281,8 +286,12 @@ def save_checkpoint(
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
     try:
-        _write_tensors(tmp / WEIGHTS, weights)
-        _write_tensors(tmp / OPT_TENSORS, extra)
+        # the digests let a load detect bit rot or a partial overwrite of the tensor data,
+        # which safetensors itself (no checksum) would load as silently wrong weights
+        meta_json[SHA256] = {
+            WEIGHTS: _write_tensors(tmp / WEIGHTS, weights),
+            OPT_TENSORS: _write_tensors(tmp / OPT_TENSORS, extra),
+        }
         _write_json(tmp / OPT_JSON, structure)
         _write_json(tmp / STATE, state_json)
         _write_json(tmp / META, meta_json)
@@ -327,9 +336,25 @@ def _read_json(path: Path) -> Any:
         ) from exc
 
 
-def _read_tensors(path: Path) -> dict[str, torch.Tensor]:
+def _read_tensors(path: Path, meta: Mapping[str, Any] | None = None) -> dict[str, torch.Tensor]:
+    """Load a safetensors file; with ``meta``, first check its sha256 if meta records one."""
+    digests = (meta or {}).get(SHA256)
+    want = digests.get(path.name) if isinstance(digests, Mapping) else None
     try:
-        return load_file(str(path), device="cpu")
+        if want is None:  # checkpoints written before digests were recorded
+            return load_file(str(path), device="cpu")
+        data = path.read_bytes()
+        have = hashlib.sha256(data).hexdigest()
+        if have != want:
+            raise CheckpointError(
+                f"{path.name} does not match the sha256 recorded in {META} (the file is "
+                "damaged or was replaced).",
+                path=path,
+                fix="the checkpoint is corrupt; use another checkpoint (e.g. 'last') or retrain.",
+            )
+        return load(data)
+    except CheckpointError:
+        raise
     except Exception as exc:  # safetensors raises its own SafetensorError and OSError
         raise CheckpointError(
             f"cannot read safetensors file ({exc}).",
@@ -442,7 +467,7 @@ def load_weights_only(
     _check_dir(ckpt, (WEIGHTS, META))
     meta = read_checkpoint_meta(ckpt)
     _check_expect(meta, expect or {}, ckpt / META)
-    _load_models(models, _read_tensors(ckpt / WEIGHTS), ckpt)
+    _load_models(models, _read_tensors(ckpt / WEIGHTS, meta), ckpt)
     return meta
 
 
@@ -515,8 +540,8 @@ def load_checkpoint(
             path=ckpt,
             fix="the checkpoint is corrupt; use another checkpoint or retrain.",
         )
-    weights = _read_tensors(ckpt / WEIGHTS)
-    extra = _read_tensors(ckpt / OPT_TENSORS)
+    weights = _read_tensors(ckpt / WEIGHTS, meta)
+    extra = _read_tensors(ckpt / OPT_TENSORS, meta)
     _load_models(models, weights, ckpt)
     _load_stateful("optimizer", optimizers or {}, structure, extra, ckpt, True)
     _load_stateful("scheduler", schedulers or {}, structure, extra, ckpt, True)

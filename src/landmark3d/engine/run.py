@@ -10,6 +10,8 @@ Run directory (``RUN``)::
     RUN/fine/              the same for the fine stage (every landmark, independent U-Nets)
     RUN/correlated/        the same for the correlated groups (only when the plan has groups)
     RUN/cache/             prepared (resampled, normalised) cases, unless ``cache_dir`` is given
+    RUN/calibration.json   confidence calibration fitted on the validation cases after training
+                           (:mod:`landmark3d.engine.calibrate`)
 
 Splits: with ``fold=k`` the cases of fold k are the *test* cases (never seen in training or
 model selection); a validation subset (``val_fraction`` of the remaining cases, at least 2, at
@@ -257,4 +259,7 @@ def train_run(
             progress=progress,
             overwrite=overwrite,
         )
+    from landmark3d.engine.calibrate import calibrate_after_training  # imports the predictor
+
+    calibrate_after_training(run, dataset, device=config.device)
     return RunResult(run, plan, split, results)

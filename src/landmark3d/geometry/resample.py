@@ -19,6 +19,7 @@ import SimpleITK as sitk
 from numpy.typing import ArrayLike
 
 from landmark3d.geometry.space import FloatArray, Geometry, Volume
+from landmark3d.limits import check_voxel_count
 
 INTERPOLATORS: dict[str, int] = {
     "linear": sitk.sitkLinear,
@@ -214,9 +215,15 @@ def resample_to_spacing(
     """Resample ``image`` to ``spacing`` mm over the same extent (see :func:`spacing_geometry`).
 
     Voxels whose centre falls just outside the original box get the image minimum.
+
+    Raises:
+        ImageError: the resampled image would exceed the voxel budget
+            (:func:`landmark3d.limits.max_voxels`).
     """
     _require_3d(image)
     grid = spacing_geometry(Geometry.from_sitk(image), spacing)
+    # an absurd spacing or extent must not allocate terabytes: refuse beyond the voxel budget
+    check_voxel_count(grid.size, f"the image resampled to {_as3(spacing, 'spacing').tolist()} mm")
     stats = sitk.MinimumMaximumImageFilter()
     stats.Execute(image)
     return resample(image, grid, interpolator, stats.GetMinimum())

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from landmark3d.errors import CheckpointError, ImageError
+from landmark3d.inference.confidence import flag_above as flag_landmarks
 from landmark3d.inference.predictor import Predictor
 from landmark3d.io.atomic import atomic_write_text, check_writable
 from landmark3d.io.images import IMAGE_SUFFIXES, image_suffix, is_image_path
@@ -84,11 +85,21 @@ def predict_inputs(
     device: str = "auto",
     overwrite: bool = False,
     progress: Callable[[str], None] | None = None,
+    tta: bool | None = None,
+    absence: bool | None = None,
+    flag_above: float | None = None,
+    flagged: list[tuple[str, str, float]] | None = None,
 ) -> list[Path]:
     """Predict every input image and write ``<case id>.<fmt>`` files and ``timings.json``.
 
+    ``tta`` and ``absence`` are passed to :class:`Predictor` (None: as the run's calibration
+    says). With ``flag_above`` (mm), every landmark gets ``flagged`` = 1 where its calibrated
+    ``expected_error_mm`` exceeds it (else 0), and ``(case id, landmark, expected error)`` of
+    each flagged one is appended to ``flagged`` (if given).
+
     Raises:
-        CheckpointError: the run does not fit the dataset (landmark names, modality).
+        CheckpointError: the run does not fit the dataset (landmark names, modality), or
+            ``flag_above`` without a calibration.
         ImageError / OutputExistsError / LandmarkFileError: bad inputs or outputs.
     """
     if (input_path is None) == (dataset_path is None):
@@ -97,7 +108,14 @@ def predict_inputs(
         raise CheckpointError(
             f"unknown stage {stage!r}.", fix="use --stage auto, coarse, fine or correlated."
         )
-    predictor = Predictor(run, device=device, stage=stage)  # type: ignore[arg-type]
+    predictor = Predictor(run, device=device, stage=stage, tta=tta, absence=absence)  # type: ignore[arg-type]
+    if flag_above is not None and predictor.calibration is None:
+        raise CheckpointError(
+            f"--flag-above needs a confidence calibration for the {predictor.stage!r} stage, "
+            "and the run has none.",
+            path=predictor.run / "calibration.json",
+            fix=f"run `landmark3d calibrate --model {run}` first (or drop --flag-above).",
+        )
     fmt = fmt or training_landmark_format(predictor.run)
     if fmt not in LANDMARK_FORMATS:
         raise ImageError(
@@ -133,6 +151,10 @@ def predict_inputs(
     for (cid, path), target in zip(items, targets, strict=True):
         t0 = time.perf_counter()
         pred = predictor.predict_file(path)
+        if flag_above is not None:
+            hits = flag_landmarks(pred.landmarks, flag_above)
+            if flagged is not None:
+                flagged.extend((cid, name, err) for name, err in hits)
         t1 = time.perf_counter()
         write_landmarks(pred.landmarks, target, fmt=fmt, coords=coords, overwrite=overwrite)
         timings[cid] = {

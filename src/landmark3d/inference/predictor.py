@@ -10,7 +10,11 @@ of any storage orientation to landmark coordinates::
 
 Everything after loading happens in world coordinates, so the same anatomy stored with
 flipped or permuted axes or another direction matrix gives the same prediction. A landmark
-predicted outside the image is kept but flagged (``extras["outside_image"] = 1``).
+predicted outside the image is kept but flagged (``extras["outside_image"] = 1``) — unless the
+absence decision is on (see :mod:`landmark3d.inference.confidence`): then a landmark predicted
+beyond the image by more than the calibrated margin is reported missing ("outside field of
+view"). With ``RUN/calibration.json`` every landmark also gets ``confidence``,
+``expected_error_mm`` and ``p_error_gt_4mm`` extras.
 """
 
 from __future__ import annotations
@@ -26,11 +30,20 @@ import SimpleITK as sitk
 import torch
 
 from landmark3d.config import ExperimentConfig
-from landmark3d.data.preprocess import prepare_case
+from landmark3d.data.preprocess import PreparedCase, prepare_case
 from landmark3d.engine.checkpoint import load_weights_only, read_checkpoint_meta
 from landmark3d.engine.correlated_stage import build_group_models
 from landmark3d.engine.device import select_device
 from landmark3d.errors import CheckpointError
+from landmark3d.geometry.space import Geometry
+from landmark3d.inference.confidence import (
+    DEFAULT_ABSENCE_MARGIN_MM,
+    HeatmapCapture,
+    annotate_prediction,
+    load_calibration,
+    tta_offsets,
+    tta_spread,
+)
 from landmark3d.inference.steps import coarse_predict, correlated_predict, fine_predict
 from landmark3d.io.images import read_image
 from landmark3d.io.landmark_set import LandmarkSet
@@ -48,14 +61,18 @@ class Prediction:
 
     Attributes:
         landmarks: LPS mm; extras per landmark: ``coarse_x/y/z`` is not stored, but
-            ``heatmap_peak`` (fine), ``coarse_fine_shift_mm`` and ``outside_image``.
+            ``heatmap_peak``, ``heatmap_spread_mm`` (fine), ``coarse_fine_shift_mm``,
+            ``tta_spread_mm`` (with TTA), ``outside_image``, ``beyond_image_mm`` and, with a
+            calibration, ``confidence``, ``expected_error_mm``, ``p_error_gt_4mm``.
         coarse: (N, 3) coarse estimates, LPS mm.
-        timings: seconds per step (load, preprocess, coarse, fine).
+        timings: seconds per step (load, preprocess, coarse, fine, confidence).
+        geometry: the image's geometry (LPS-reoriented; the same physical extent).
     """
 
     landmarks: LandmarkSet
     coarse: np.ndarray
     timings: dict[str, float] = field(default_factory=dict)
+    geometry: Geometry | None = None
 
 
 def _checkpoint(run: Path, stage: str, which: str) -> Path:
@@ -82,6 +99,11 @@ class Predictor:
             landmark), "correlated" (as "fine", but the members of each correlated group come
             from the group's key-slice model), or "auto" (default): "correlated" when the run
             has a correlated model, else "fine".
+        tta: also compute ``tta_spread_mm`` (the fine stage rerun from 4 shifted patch
+            centres: ~5x the fine cost); None: as the calibration was fitted (else off).
+        calibrated: use ``RUN/calibration.json`` (if present and fitted for this stage).
+        absence: report landmarks predicted beyond the image as missing; None: as the
+            calibration says (on when the run was trained on cropped scans), else off.
     """
 
     def __init__(
@@ -90,6 +112,9 @@ class Predictor:
         device: str = "auto",
         checkpoint: str = "best",
         stage: Stage = "auto",
+        tta: bool | None = None,
+        calibrated: bool = True,
+        absence: bool | None = None,
     ) -> None:
         self.run = Path(run_dir)
         self.archive: Path | None = None
@@ -139,6 +164,11 @@ class Predictor:
             load_weights_only(_checkpoint(self.run, "correlated", checkpoint), dict(models), expect)
             self.group_models = {k: m.to(self.device).eval() for k, m in models.items()}
         self.meta = meta
+        cal = load_calibration(self.run) if calibrated else None
+        self.calibration = cal if cal is not None and cal.stage == stage else None
+        self.tta = bool(tta if tta is not None else (cal is not None and cal.tta))
+        self.absence = bool(absence if absence is not None else (cal and cal.absence_enabled))
+        self.absence_margin_mm = cal.absence_margin_mm if cal else DEFAULT_ABSENCE_MARGIN_MM
 
     @property
     def landmark_names(self) -> list[str]:
@@ -163,40 +193,78 @@ class Predictor:
         t2 = time.perf_counter()
         coords = coarse.copy()
         extras: dict[str, dict[str, float | str]] = {n: {} for n in self.landmark_names}
-
-        def accept(names: list[str], world: np.ndarray, peaks: np.ndarray, model: str) -> None:
-            for name, p, peak in zip(names, world, peaks, strict=True):
+        for names, world, peaks, spreads, model in self._refine(prepared, coarse, capture=True):
+            for name, p, peak, spread in zip(names, world, peaks, spreads, strict=True):
                 if np.isfinite(p).all():
                     r = self.landmark_names.index(name)
                     coords[r] = p
                     extras[name]["heatmap_peak"] = round(float(peak), 4)
+                    if np.isfinite(spread):
+                        extras[name]["heatmap_spread_mm"] = round(float(spread), 3)
                     extras[name]["coarse_fine_shift_mm"] = round(
                         float(np.linalg.norm(p - coarse[r])), 3
                     )
                     extras[name]["model"] = model
-
-        f = self.config.fine
-        if self.fine_names:
-            rows = [self.landmark_names.index(n) for n in self.fine_names]
-            fine, peaks = fine_predict(
-                self.fine, self.routes, self.fine_names, prepared, coarse[rows], self.plan,
-                f.sigma_mm, f.decode, self.device,
-            )  # fmt: skip
-            accept(self.fine_names, fine, peaks, "fine")
-        for g, group in enumerate(self.groups):
-            rows = [self.landmark_names.index(n) for n in group["landmarks"]]
-            gp = correlated_predict(
-                self.group_models[f"group{g}"], group, prepared, coarse[rows], self.plan,
-                f.sigma_mm, f.decode, self.config.correlated.combine, self.device,
-            )  # fmt: skip
-            accept(list(group["landmarks"]), gp.world, gp.peaks, f"correlated:group{g}")
         t3 = time.perf_counter()
+        if self.tta and (self.fine_names or self.groups):
+            offsets = tta_offsets(self.plan.patch_size, self.plan.fine_spacing_mm)
+            spread = tta_spread(lambda c: self._refined(prepared, c), coarse, coords, offsets)
+            for name, s in zip(self.landmark_names, spread.tolist(), strict=True):
+                if np.isfinite(s):
+                    extras[name]["tta_spread_mm"] = round(float(s), 3)
         inside = prepared.canonical_geometry.contains_world(coords)
         for name, ok in zip(self.landmark_names, inside.tolist(), strict=True):
             extras[name]["outside_image"] = 0 if ok else 1
-        landmarks = LandmarkSet(list(self.landmark_names), coords, extras=extras)
+        landmarks = annotate_prediction(
+            LandmarkSet(list(self.landmark_names), coords, extras=extras),
+            coarse, prepared.canonical_geometry, self.calibration, self.absence,
+            self.absence_margin_mm,
+        )  # fmt: skip
+        t4 = time.perf_counter()
         return Prediction(
             landmarks,
             coarse,
-            {"preprocess": t1 - t0, "coarse": t2 - t1, "fine": t3 - t2},
+            {"preprocess": t1 - t0, "coarse": t2 - t1, "fine": t3 - t2, "confidence": t4 - t3},
+            prepared.canonical_geometry,
         )
+
+    def _refine(
+        self, prepared: PreparedCase, centers: np.ndarray, capture: bool = False
+    ) -> list[tuple[list[str], np.ndarray, np.ndarray, np.ndarray, str]]:
+        """Fine and correlated estimates from patch centres (N, 3) LPS mm, one entry per model
+        kind: ``(names, world (L, 3), peaks (L,), heatmap spreads (L,) mm, model)``; later
+        entries (correlated groups) override earlier ones (fine). Spreads are NaN unless
+        ``capture``."""
+        f = self.config.fine
+        spacing = self.plan.fine_spacing_mm
+        out = []
+        if self.fine_names:
+            rows = [self.landmark_names.index(n) for n in self.fine_names]
+            with HeatmapCapture(self.fine, capture) as cap:
+                fine, peaks = fine_predict(
+                    self.fine, self.routes, self.fine_names, prepared, centers[rows], self.plan,
+                    f.sigma_mm, f.decode, self.device,
+                )  # fmt: skip
+            spreads = cap.fine_spreads(self.fine_names, self.routes, centers[rows], spacing)
+            out.append((self.fine_names, fine, peaks, spreads, "fine"))
+        for g, group in enumerate(self.groups):
+            key = f"group{g}"
+            rows = [self.landmark_names.index(n) for n in group["landmarks"]]
+            with HeatmapCapture({key: self.group_models[key]}, capture) as cap:
+                gp = correlated_predict(
+                    self.group_models[key], group, prepared, centers[rows], self.plan,
+                    f.sigma_mm, f.decode, self.config.correlated.combine, self.device,
+                )  # fmt: skip
+            spreads = cap.group_spreads(key, len(rows), spacing)
+            out.append((list(group["landmarks"]), gp.world, gp.peaks, spreads, f"correlated:{key}"))
+        return out
+
+    def _refined(self, prepared: PreparedCase, centers: np.ndarray) -> np.ndarray:
+        """Refined positions (N, 3) LPS mm from patch centres (N, 3); NaN rows for landmarks
+        no fine/correlated model refines."""
+        out = np.full((len(self.landmark_names), 3), np.nan)
+        for names, world, _, _, _ in self._refine(prepared, centers):
+            for name, p in zip(names, world, strict=True):
+                if np.isfinite(p).all():
+                    out[self.landmark_names.index(name)] = p
+        return out

@@ -7,8 +7,10 @@ exactly as SimpleITK reads them (world = LPS mm, see ``docs/coordinates.md``).
 :func:`read_image` refuses images the rest of landmark3d cannot use and says how to fix them:
 missing/empty/corrupt or truncated files, images that are not 3D (a 4D image whose 4th axis has
 length 1 is squeezed to 3D), multi-component (vector/RGB/complex) images, zero-size axes,
-zero/negative/non-finite spacing, non-orthonormal direction matrices, non-finite origin and
-NaN/inf voxels (unless ``allow_nonfinite=True``). :func:`image_problems` is the non-raising
+zero/negative/non-finite or implausible spacing (outside 0.01-100 mm: a header in metres or
+micrometres), non-orthonormal direction matrices, non-finite origin, NaN/inf voxels (unless
+``allow_nonfinite=True``) and images larger than the voxel budget (``LANDMARK3D_MAX_VOXELS``,
+checked from the header before voxels are read; see :mod:`landmark3d.limits`). :func:`image_problems` is the non-raising
 variant used by dataset verification.
 
 This module never imports torch.
@@ -16,23 +18,19 @@ This module never imports torch.
 
 from __future__ import annotations
 
-import gzip
 import os
 import re
-import struct
 import tempfile
-import zlib
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import SimpleITK as sitk
-from numpy.typing import NDArray
 
 from landmark3d.errors import ImageError
 from landmark3d.geometry.space import Volume
 from landmark3d.io.atomic import atomic_path, check_writable
+from landmark3d.io.nifti_check import restore_nonfinite, scan_nifti
+from landmark3d.limits import check_voxel_count, spacing_problem
 
 #: File suffixes read and written by :func:`read_image` / :func:`write_image` (lower case).
 IMAGE_SUFFIXES: tuple[str, ...] = (".nii.gz", ".nii", ".nrrd", ".nhdr", ".mha", ".mhd")
@@ -102,6 +100,14 @@ def _problems_with_fixes(image: sitk.Image, *, check_voxels: bool = True) -> lis
                 "correct the voxel spacing in the image header (positive, in mm).",
             )
         )
+    elif (implausible := spacing_problem(spacing[:3].tolist())) is not None:
+        out.append(
+            (
+                implausible,
+                "correct the voxel spacing in the image header (in mm: multiply metres by "
+                "1000, divide micrometres by 1000).",
+            )
+        )
     origin = np.asarray(image.GetOrigin(), dtype=np.float64)
     if not np.all(np.isfinite(origin)):
         out.append(
@@ -142,8 +148,9 @@ def _problems_with_fixes(image: sitk.Image, *, check_voxels: bool = True) -> lis
 def image_problems(image: sitk.Image) -> list[str]:
     """Human sentences for every problem that makes ``image`` unusable; empty if it is fine.
 
-    Checks: 3D, one scalar component, no zero-size axis, positive finite spacing, finite origin,
-    orthonormal direction, and the number of NaN / inf voxels. Never raises.
+    Checks: 3D, one scalar component, no zero-size axis, positive finite spacing within the
+    plausible range (:data:`landmark3d.limits.MIN_SPACING_MM` - ``MAX_SPACING_MM``), finite
+    origin, orthonormal direction, and the number of NaN / inf voxels. Never raises.
     """
     return [problem for problem, _ in _problems_with_fixes(image)]
 
@@ -180,132 +187,20 @@ def _sitk_message(err: RuntimeError) -> str:
     return text if len(text) <= 300 else text[:297] + "..."
 
 
-@dataclass
-class _NiftiHeader:
-    offset: int  # vox_offset: where the voxel data start, bytes
-    nbytes: int  # voxel data size, bytes
-    dtype: np.dtype[Any] | None  # set for float data (the only kind that can hold NaN/inf)
-    slope: float
-    inter: float
-
-
-@dataclass
-class _NiftiScan:
-    nan: int = 0
-    inf: int = 0
-    positions: list[NDArray[np.int64]] = field(default_factory=list)  # flat voxel indices
-    values: list[NDArray[np.floating]] = field(default_factory=list)  # their values
-
-
-def _nifti_header(header: bytes) -> _NiftiHeader | None:
-    """Data layout of a NIfTI-1/-2 header, or None if ``header`` is not one."""
-    for e in "<>":
-        if len(header) >= 348 and struct.unpack(e + "i", header[:4])[0] == 348:
-            dims = struct.unpack(e + "8h", header[40:56])
-            code, bitpix = struct.unpack(e + "2h", header[70:74])
-            offset = int(struct.unpack(e + "f", header[108:112])[0])
-            slope, inter = struct.unpack(e + "2f", header[112:120])
-            break
-        if len(header) >= 540 and struct.unpack(e + "i", header[:4])[0] == 540:
-            code, bitpix = struct.unpack(e + "2h", header[12:16])
-            dims = struct.unpack(e + "8q", header[16:80])
-            offset = int(struct.unpack(e + "q", header[168:176])[0])
-            slope, inter = struct.unpack(e + "2d", header[176:192])
-            break
-    else:
-        return None
-    ndim = int(dims[0])
-    if not 1 <= ndim <= 7 or bitpix <= 0:
-        return None
-    nvox = int(np.prod([max(int(d), 0) for d in dims[1 : ndim + 1]], dtype=np.int64))
-    kind = {16: "f4", 64: "f8"}.get(int(code))
-    dtype = None if kind is None else np.dtype(e + kind)
-    if not (np.isfinite(slope) and slope != 0):
-        slope, inter = 1.0, 0.0
-    return _NiftiHeader(offset, nvox * bitpix // 8, dtype, float(slope), float(inter))
-
-
-def _scan_nifti(path: Path, suffix: str, keep_positions: bool) -> _NiftiScan | None:
-    """Check a NIfTI file's data ourselves, because ITK hides two kinds of damage.
-
-    * ITK zero-fills the missing part of a **truncated** file. Raise if the file holds fewer
-      data bytes than its header promises (``.nii``: file size; ``.nii.gz``: the gzip trailer,
-      i.e. uncompressed size mod 2**32, and only on a mismatch a full count).
-    * ITK (before 6.0) replaces every **NaN/inf** voxel by 0. For float data the voxels are
-      scanned and the non-finite ones counted (with flat positions if ``keep_positions``).
-
-    Returns the scan for float data, else None (also for files SimpleITK should judge).
-    """
-    opener = gzip.open if suffix == ".nii.gz" else open
+def _header_size(path: Path) -> tuple[tuple[int, ...], int] | None:
+    """``(size, components)`` from the file's header without reading voxels; None if unreadable."""
+    reader = sitk.ImageFileReader()
+    reader.SetFileName(str(path))
     try:
-        with opener(path, "rb") as fh:
-            head = _nifti_header(fh.read(540))
-    except (OSError, EOFError, zlib.error):
-        return None  # let SimpleITK report the unreadable file
-    if head is None:
-        return None
-    expected = head.offset + head.nbytes
-    scan = None
-    if head.dtype is None and suffix == ".nii":
-        actual = path.stat().st_size
-    elif head.dtype is None:
-        with open(path, "rb") as raw:
-            raw.seek(-4, os.SEEK_END)
-            if struct.unpack("<I", raw.read(4))[0] == expected % 2**32:
-                return None
-        actual = _stream_nifti(path, opener, head, None)
-    else:
-        scan = _NiftiScan()
-        actual = _stream_nifti(path, opener, head, (scan, keep_positions))
-    if actual < expected:
-        raise ImageError(
-            f"image file is truncated: it holds {actual} bytes but its header needs {expected}.",
-            path=path,
-            fix="copy or export the image again (the transfer was probably interrupted).",
-        )
-    return scan
+        reader.ReadImageInformation()
+    except RuntimeError:
+        return None  # ReadImage reports the damage with its own message
+    return tuple(int(s) for s in reader.GetSize()), int(reader.GetNumberOfComponents())
 
 
-def _stream_nifti(
-    path: Path, opener: Any, head: _NiftiHeader, scan: tuple[_NiftiScan, bool] | None
-) -> int:
-    """Read the file through; count its bytes and (with ``scan``) its non-finite voxels."""
-    total, done = 0, 0  # bytes read; voxels scanned
-    try:
-        with opener(path, "rb") as fh:
-            total = len(fh.read(head.offset))
-            while chunk := fh.read(1 << 24):
-                total += len(chunk)
-                if scan is None or head.dtype is None:
-                    continue
-                usable = min(len(chunk), head.nbytes - done * head.dtype.itemsize)
-                values = np.frombuffer(chunk[: usable - usable % head.dtype.itemsize], head.dtype)
-                bad = np.flatnonzero(~np.isfinite(values))
-                if bad.size:
-                    result, keep = scan
-                    result.nan += int(np.count_nonzero(np.isnan(values[bad])))
-                    result.inf += int(bad.size - np.count_nonzero(np.isnan(values[bad])))
-                    if keep:
-                        result.positions.append(bad + done)
-                        result.values.append(values[bad] * head.slope + head.inter)
-                done += values.size
-    except (OSError, EOFError, zlib.error):
-        pass  # truncated stream: ``total`` is what could be read
-    return total
-
-
-def _restore_nonfinite(image: sitk.Image, scan: _NiftiScan) -> sitk.Image:
-    """Put back the NaN/inf voxels that ITK's NIfTI reader replaced by 0."""
-    array = sitk.GetArrayFromImage(image)
-    flat = array.reshape(-1)
-    for pos, vals in zip(scan.positions, scan.values, strict=True):
-        flat[pos[pos < flat.size]] = vals[pos < flat.size]
-    out = sitk.GetImageFromArray(array)
-    out.CopyInformation(image)
-    return out
-
-
-def _dicom_series(directory: Path, series_uid: str | None) -> sitk.Image:
+def _dicom_series(
+    directory: Path, series_uid: str | None, max_voxels: int | None = None
+) -> sitk.Image:
     """Read one DICOM series from ``directory``."""
     reader = sitk.ImageSeriesReader()
     try:
@@ -339,6 +234,12 @@ def _dicom_series(directory: Path, series_uid: str | None) -> sitk.Image:
             fix="pass one of the series UIDs found.",
         )
     files = reader.GetGDCMSeriesFileNames(str(directory), series_uid)
+    header = _header_size(Path(files[0])) if files else None
+    if header is not None:  # one slice per file
+        check_voxel_count(
+            (*header[0][:2], len(files)), "DICOM series", path=directory, limit=max_voxels,
+            components=header[1],
+        )  # fmt: skip
     reader.SetFileNames(files)
     try:
         return reader.Execute()
@@ -366,7 +267,11 @@ def _squeeze_4d(image: sitk.Image) -> sitk.Image:
 
 
 def read_image(
-    path: str | Path, *, allow_nonfinite: bool = False, series_uid: str | None = None
+    path: str | Path,
+    *,
+    allow_nonfinite: bool = False,
+    series_uid: str | None = None,
+    max_voxels: int | None = None,
 ) -> sitk.Image:
     """Read and validate a 3D scalar image (file or DICOM series directory).
 
@@ -375,14 +280,17 @@ def read_image(
             DICOM series.
         allow_nonfinite: accept NaN/inf voxels instead of raising.
         series_uid: for a directory holding several DICOM series, the one to read.
+        max_voxels: refuse images with more voxels (checked from the header, before any voxel
+            is read); None = ``$LANDMARK3D_MAX_VOXELS`` or 2**30 (see
+            :mod:`landmark3d.limits`).
 
     Returns:
         The image with the file's spacing, origin and direction (LPS). A 4D image whose 4th
         axis has length 1 is returned as 3D.
 
     Raises:
-        ImageError: the file is missing, empty, unreadable, truncated, or the image is not a
-            usable 3D scalar image (see :func:`image_problems`).
+        ImageError: the file is missing, empty, unreadable, truncated, larger than the voxel
+            budget, or the image is not a usable 3D scalar image (see :func:`image_problems`).
     """
     p = Path(path)
     if not p.exists():
@@ -392,7 +300,7 @@ def read_image(
             fix="check the path (and the dataset spec's image entry).",
         )
     if p.is_dir():
-        image = _dicom_series(p, series_uid)
+        image = _dicom_series(p, series_uid, max_voxels)
     else:
         if p.stat().st_size == 0:
             raise ImageError(
@@ -405,9 +313,12 @@ def read_image(
                 path=p,
                 fix="pass the directory that holds all files of the series.",
             )
+        header = _header_size(p)
+        if header is not None:
+            check_voxel_count(header[0], "image", path=p, limit=max_voxels, components=header[1])
         scan = None
         if suffix in (".nii", ".nii.gz"):
-            scan = _scan_nifti(p, suffix, keep_positions=allow_nonfinite)
+            scan = scan_nifti(p, suffix, keep_positions=allow_nonfinite)
         try:
             image = sitk.ReadImage(str(p))
         except RuntimeError as e:
@@ -430,16 +341,19 @@ def read_image(
                     fix=_NONFINITE_FIX,
                 )
             if image.GetNumberOfComponentsPerPixel() == 1:  # vector images are refused below
-                image = _restore_nonfinite(image, scan)
+                image = restore_nonfinite(image, scan)
     if image.GetDimension() == 4 and image.GetSize()[3] == 1:
         image = _squeeze_4d(image)
     validate_image(image, p, allow_nonfinite=allow_nonfinite)
     return image
 
 
-def read_volume(path: str | Path, *, allow_nonfinite: bool = False) -> Volume:
+def read_volume(
+    path: str | Path, *, allow_nonfinite: bool = False, max_voxels: int | None = None
+) -> Volume:
     """Read an image as a float32 :class:`Volume` in index order ``[i, j, k]``."""
-    return Volume.from_sitk(read_image(path, allow_nonfinite=allow_nonfinite), np.float32)
+    image = read_image(path, allow_nonfinite=allow_nonfinite, max_voxels=max_voxels)
+    return Volume.from_sitk(image, np.float32)
 
 
 # ---------------------------------------------------------------------------------- writing

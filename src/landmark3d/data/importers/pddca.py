@@ -480,6 +480,11 @@ def import_pddca(
             fix="check the folder layout (<patient>/img.nrrd + <patient>/*.fcsv) and --require.",
         )
     folds = make_folds([p.id for p, *_ in prepared], n_folds, seed) if n_folds else []
+    for patient, image_path, _, _ in prepared:  # refuse before anything is written
+        suffix = image_suffix(image_path) or ".nrrd"
+        suffix = ".nrrd" if suffix in _DETACHED else suffix  # as _place_image names it
+        check_writable(out_dir / "images" / f"{patient.id}{suffix}", overwrite)
+        check_writable(out_dir / "landmarks" / f"{patient.id}.fcsv", overwrite)
 
     cases: list[CaseSpec] = []
     for patient, image_path, image, ls in prepared:

@@ -1,0 +1,286 @@
+"""Benchmark of per-landmark confidence and of the absence decision (``make bench``).
+
+What it does, on this machine's CPU:
+
+1. generates the phantom (30 cases, seed 0) and a cropped copy of it in which 40 % of the cases
+   lose the inferior 25-40 % of the image (``landmark3d.data.crop``), so that ``chin`` and
+   ``odont_proc`` fall outside the field of view;
+2. trains a run on the cropped copy (config ``phantom_demo``, held-out fold 0); training ends
+   with the calibration on the run's validation cases (``RUN/calibration.json``);
+3. predicts the held-out cases and measures, over landmarks whose truth lies in the image and
+   that were predicted present:
+   * Spearman's rank correlation between confidence (and expected error) and the true error;
+   * the MRE of the 90 % most confident predictions vs. all;
+   * the share of the errors above 4 mm among the 10 % least confident (target >= 50 %);
+   and over all held-out landmarks the precision/recall of the absence decision (positives:
+   truth outside the image).
+
+With ``--run RUN`` an existing run is used instead (no training; it is calibrated first if it
+has no ``calibration.json``): confidence on its own test cases, absence on cropped copies of
+those cases (decision forced on). ``--smoke`` runs a few-second version (9 small cases, tiny
+networks, 2 epochs) to check that the script works; its numbers mean nothing.
+
+Writes ``benchmarks/results/<date>-confidence.json`` and ``.md`` (``--out``) and prints the table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import math
+import platform
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from landmark3d.config import apply_overrides, load_config
+from landmark3d.data.crop import crop_dataset
+from landmark3d.data.dataset import Dataset, load_dataset
+from landmark3d.data.phantom import generate_phantom
+from landmark3d.engine.calibrate import calibrate_run
+from landmark3d.engine.run import train_run
+from landmark3d.inference.confidence import load_calibration, rank_correlation
+from landmark3d.inference.predictor import Predictor
+
+ROOT = Path(__file__).resolve().parent
+THRESHOLD_MM = 4.0
+SMOKE_OVERRIDES = (
+    "coarse.epochs=2", "fine.epochs=2", "correlated.epochs=2", "coarse.widths=[4,4,8,8]",
+    "coarse.layers=[1,1,1,1]", "coarse.grid=[32,32,32]", "coarse.val_every=1",
+    "fine.channels=[4,8]", "fine.patch_size=[16,16,16]", "fine.val_every=1",
+    "correlated.channels=[4,8]", "correlated.val_every=1",
+)  # fmt: skip
+
+
+def _num(v: Any) -> float:
+    return float(v) if isinstance(v, int | float) else math.nan
+
+
+def _collect(predictor: Predictor, ds: Dataset, ids: list[str]) -> list[dict[str, Any]]:
+    """One record per held-out case x annotated landmark."""
+    records = []
+    for cid in ids:
+        image = ds.read_image(cid)
+        pred = predictor.predict(image)
+        truth = ds.read_landmarks(cid).subset(predictor.landmark_names)
+        assert pred.geometry is not None
+        outside = ~pred.geometry.contains_world(truth.coords)
+        ls = pred.landmarks
+        for row, name in enumerate(ls.names):
+            if not truth.present[row]:
+                continue
+            ex = ls.extras.get(name, {})
+            present = bool(ls.present[row])
+            err = float(np.linalg.norm(ls.coords[row] - truth.coords[row])) if present else math.nan
+            records.append(
+                {
+                    "case": cid, "landmark": name, "truth_outside": bool(outside[row]),
+                    "absent": not present, "error_mm": err,
+                    "confidence": _num(ex.get("confidence")),
+                    "expected_error_mm": _num(ex.get("expected_error_mm")),
+                    "p_error_gt_4mm": _num(ex.get("p_error_gt_4mm")),
+                    "heatmap_peak": _num(ex.get("heatmap_peak")),
+                    "heatmap_spread_mm": _num(ex.get("heatmap_spread_mm")),
+                    "coarse_fine_shift_mm": _num(ex.get("coarse_fine_shift_mm")),
+                    "beyond_image_mm": _num(ex.get("beyond_image_mm")),
+                }
+            )  # fmt: skip
+    return records
+
+
+def confidence_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Ranking quality of the confidence over present predictions of landmarks in the image."""
+    rows = [
+        r
+        for r in records
+        if not r["truth_outside"] and not r["absent"] and math.isfinite(r["confidence"])
+    ]
+    if not rows:
+        return {"n": 0}
+    err = np.array([r["error_mm"] for r in rows])
+    conf = np.array([r["confidence"] for r in rows])
+    expected = np.array([r["expected_error_mm"] for r in rows])
+    order = np.lexsort((expected, -conf))  # most confident first; ties: smaller expected error
+    n = len(rows)
+    keep = max(1, math.ceil(0.9 * n))
+    worst = order[n - max(1, math.ceil(0.1 * n)) :]
+    big = err > THRESHOLD_MM
+    raw = {
+        k: rank_correlation([r[k] for r in rows], err)
+        for k in ("heatmap_peak", "heatmap_spread_mm", "coarse_fine_shift_mm")
+    }
+    share = float(big[worst].sum() / big.sum()) if big.any() else math.nan
+    return {
+        "n": n,
+        "spearman_confidence_error": rank_correlation(conf, err),
+        "spearman_expected_error": rank_correlation(expected, err),
+        "spearman_raw_scores": raw,
+        "mre_all_mm": float(err.mean()),
+        "mre_90pct_most_confident_mm": float(err[order[:keep]].mean()),
+        "n_errors_above_4mm": int(big.sum()),
+        "share_of_errors_above_4mm_in_least_confident_10pct": share,
+        "target_met": bool(share >= 0.5) if math.isfinite(share) else None,
+        "mean_expected_error_mm": float(np.nanmean(expected)),
+        "observed_rate_above_4mm": float(big.mean()),
+        "mean_p_error_gt_4mm": float(np.nanmean([r["p_error_gt_4mm"] for r in rows])),
+    }
+
+
+def absence_metrics(records: list[dict[str, Any]]) -> dict[str, Any]:
+    """Precision/recall of "absent" against "truth outside the image"."""
+    truth = np.array([r["truth_outside"] for r in records], dtype=bool)
+    said = np.array([r["absent"] for r in records], dtype=bool)
+    tp, fp, fn = int((truth & said).sum()), int((~truth & said).sum()), int((truth & ~said).sum())
+    return {
+        "n_landmarks": len(records),
+        "n_truth_outside": int(truth.sum()),
+        "true_positives": tp,
+        "false_positives": fp,
+        "false_negatives": fn,
+        "precision": tp / (tp + fp) if tp + fp else None,
+        "recall": tp / (tp + fn) if tp + fn else None,
+    }
+
+
+def _clean(v: Any) -> Any:
+    """JSON-safe copy: non-finite floats become null."""
+    if isinstance(v, dict):
+        return {k: _clean(x) for k, x in v.items()}
+    if isinstance(v, list | tuple):
+        return [_clean(x) for x in v]
+    if isinstance(v, float) and not math.isfinite(v):
+        return None
+    return v
+
+
+def _fmt(v: Any, digits: int = 2) -> str:
+    if v is None or (isinstance(v, float) and not math.isfinite(v)):
+        return "—"
+    return f"{v:.{digits}f}" if isinstance(v, float) else str(v)
+
+
+def _markdown(conf: dict[str, Any], absence: dict[str, Any], meta: dict[str, Any]) -> str:
+    lines = [
+        f"# Confidence and absence benchmark ({meta['date']})",
+        "",
+        f"Command: `{meta['command']}`; {meta['machine']}; run `{meta['run']}`; "
+        f"held-out cases: {len(meta['test_cases'])}"
+        + (" — SMOKE MODE: tiny networks, numbers are meaningless." if meta["smoke"] else "."),
+        "",
+        "## Confidence (held-out landmarks inside the image, predicted present)",
+        "",
+        "| metric | value |",
+        "|---|---|",
+        f"| predictions | {conf.get('n', 0)} |",
+        f"| Spearman(confidence, error) (want < 0) | {_fmt(conf.get('spearman_confidence_error'))} |",
+        f"| Spearman(expected error, error) (want > 0) | {_fmt(conf.get('spearman_expected_error'))} |",
+        f"| MRE all (mm) | {_fmt(conf.get('mre_all_mm'))} |",
+        f"| MRE 90 % most confident (mm) | {_fmt(conf.get('mre_90pct_most_confident_mm'))} |",
+        f"| errors > 4 mm | {_fmt(conf.get('n_errors_above_4mm'))} |",
+        "| share of them in the least confident 10 % (target >= 0.50) | "
+        f"{_fmt(conf.get('share_of_errors_above_4mm_in_least_confident_10pct'))} |",
+        f"| mean expected error vs MRE (mm) | {_fmt(conf.get('mean_expected_error_mm'))} vs "
+        f"{_fmt(conf.get('mre_all_mm'))} |",
+        f"| mean P(error > 4 mm) vs observed rate | {_fmt(conf.get('mean_p_error_gt_4mm'))} vs "
+        f"{_fmt(conf.get('observed_rate_above_4mm'))} |",
+    ]
+    for k, v in conf.get("spearman_raw_scores", {}).items():
+        lines.append(f"| Spearman({k}, error) | {_fmt(v)} |")
+    lines += [
+        "",
+        f"## Absence ({meta['absence_on']}; margin {meta['absence_margin_mm']} mm)",
+        "",
+        "| landmarks | truth outside | TP | FP | FN | precision | recall |",
+        "|---|---|---|---|---|---|---|",
+        f"| {absence['n_landmarks']} | {absence['n_truth_outside']} | {absence['true_positives']} "
+        f"| {absence['false_positives']} | {absence['false_negatives']} "
+        f"| {_fmt(absence['precision'])} | {_fmt(absence['recall'])} |",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--run", type=Path, default=None, help="reuse a trained run directory")
+    parser.add_argument("--cases", type=int, default=30)
+    parser.add_argument("--size", type=int, default=96)
+    parser.add_argument("--crop-fraction", type=float, default=0.4)
+    parser.add_argument("--work", type=Path, default=None)
+    parser.add_argument("--out", type=Path, default=ROOT / "results")
+    parser.add_argument("--config", default="phantom_demo")
+    parser.add_argument("--set", dest="overrides", action="append", default=[])
+    parser.add_argument("--smoke", action="store_true", help="tiny settings; checks the script")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.cases, args.size = min(args.cases, 9), min(args.size, 48)
+        args.overrides = [*SMOKE_OVERRIDES, *args.overrides]
+    work: Path = args.work or ROOT / ".work" / ("confidence-smoke" if args.smoke else "confidence")
+    torch.set_num_threads(2)
+    if work.exists():
+        shutil.rmtree(work)
+    work.mkdir(parents=True)
+    t0 = time.perf_counter()
+    if args.run is None:
+        phantom = generate_phantom(work / "phantom", n_cases=args.cases, seed=0, size=args.size)
+        spec = crop_dataset(phantom, work / "cropped", fraction=args.crop_fraction, seed=0)
+        ds = load_dataset(spec)
+        cfg = apply_overrides(load_config(args.config), args.overrides)
+        result = train_run(ds, cfg, work / "run", fold=0, progress=False)
+        run, test_ids = result.run_dir, result.split.test
+        predictor = Predictor(run, device="cpu")
+        records = _collect(predictor, ds, test_ids)
+        conf_records, absence_records = records, records
+    else:
+        run = args.run
+        if load_calibration(run) is None:
+            print(f"calibrating {run} (writes {run / 'calibration.json'})", flush=True)
+            calibrate_run(run, device="cpu")
+        split = json.loads((run / "split.json").read_text(encoding="utf-8"))
+        ds, test_ids = load_dataset(split["dataset"]), list(split["test"])
+        predictor = Predictor(run, device="cpu")
+        conf_records = _collect(predictor, ds, test_ids)
+        spec = crop_dataset(ds, work / "cropped", fraction=1.0, seed=0)
+        forced = Predictor(run, device="cpu", absence=True)
+        absence_records = _collect(forced, load_dataset(spec), test_ids)
+        predictor = forced
+    seconds = time.perf_counter() - t0
+    conf = confidence_metrics(conf_records)
+    absence = absence_metrics(absence_records)
+    cal = predictor.calibration
+    meta = {
+        "date": dt.date.today().isoformat(),
+        "smoke": bool(args.smoke),
+        "run": str(run),
+        "cases": args.cases,
+        "size": args.size,
+        "crop_fraction": args.crop_fraction if args.run is None else 1.0,
+        "test_cases": test_ids,
+        "calibration": cal.to_dict() if cal is not None else None,
+        "absence_on": "absence decision on" if predictor.absence else "absence decision off",
+        "absence_margin_mm": predictor.absence_margin_mm,
+        "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
+        f"torch {torch.__version__}",
+        "command": "python benchmarks/bench_confidence.py " + " ".join(sys.argv[1:]),
+        "seconds": seconds,
+    }
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = args.out / f"{meta['date']}-confidence"
+    payload = {"meta": meta, "confidence": conf, "absence": absence, "records": conf_records}
+    if absence_records is not conf_records:
+        payload["absence_records"] = absence_records
+    stem.with_suffix(".json").write_text(json.dumps(_clean(payload), indent=2) + "\n")
+    md = _markdown(conf, absence, meta)
+    stem.with_suffix(".md").write_text(md)
+    print(md)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

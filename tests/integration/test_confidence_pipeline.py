@@ -1,0 +1,172 @@
+"""Confidence through a run: calibration after training, the predictor, the files, the CLI.
+
+Uses the session's tiny run (``tiny_run``, ``tests/conftest.py``); every test that writes into
+a run works on a copy. The tiny models are poor: these tests check plumbing and decisions,
+never accuracy.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from conftest import CliResult
+from landmark3d.data.crop import crop_dataset
+from landmark3d.data.dataset import load_dataset
+from landmark3d.engine.calibrate import calibrate_after_training, calibrate_run
+from landmark3d.inference.confidence import CALIBRATION_FILE, load_calibration, probability_key
+from landmark3d.inference.predictor import Predictor
+from landmark3d.io.images import read_image
+from landmark3d.io.landmarks import read_landmarks, write_landmarks
+
+pytestmark = pytest.mark.slow
+Cli = Callable[..., CliResult]
+FIELDS = ("confidence", "expected_error_mm", probability_key())
+
+
+@pytest.fixture(autouse=True)
+def _one_thread() -> Iterator[None]:
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def _copy_run(run: Path, dst: Path) -> Path:
+    return Path(shutil.copytree(run, dst, ignore=shutil.ignore_patterns("cache")))
+
+
+def _test_image(run: Path, phantom_dir: Path) -> Path:
+    split = json.loads((run / "split.json").read_text())
+    return load_dataset(phantom_dir).case(split["test"][0]).image
+
+
+def test_training_calibrates_and_predict_writes_confidence(
+    cli: Cli, tiny_run: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    cal = load_calibration(tiny_run)
+    split = json.loads((tiny_run / "split.json").read_text())
+    predictor = Predictor(tiny_run, device="cpu")
+    assert cal is not None and predictor.calibration is not None
+    assert cal.stage == predictor.stage and cal.stats["cases"] == split["val"]
+    assert cal.stats["n_points"] == 6 * len(split["val"])
+    assert not cal.absence_enabled and not predictor.absence  # no cropped training cases
+
+    image = _test_image(tiny_run, phantom_dir)
+    cid = image.name.removesuffix(".nii.gz")
+    direct = predictor.predict_file(image).landmarks
+    fcsv = tmp_path / "fcsv"
+    r = cli("predict", "--model", tiny_run, "--input", image, "--out", fcsv, "--format", "fcsv",
+            "--flag-above", "0")  # fmt: skip
+    assert r.code == 0, r.err
+    written = read_landmarks(fcsv / f"{cid}.fcsv")
+    for name in written.names:
+        ex = written.extras[name]
+        assert all(k in ex for k in FIELDS) and ex["flagged"] == 1.0
+        assert 0.0 <= float(ex["confidence"]) <= 1.0
+        assert float(ex["expected_error_mm"]) == pytest.approx(
+            float(direct.extras[name]["expected_error_mm"])
+        )
+        assert f"flagged {cid} {name}: expected error" in r.out
+    assert f"{len(written.names)} landmark(s) flagged" in r.out
+
+    csv_dir = tmp_path / "csv"
+    r = cli("predict", "--model", tiny_run, "--input", image, "--out", csv_dir, "--format", "csv",
+            "--flag-above", "1000", "--tta")  # fmt: skip
+    assert r.code == 0, r.err
+    header = (csv_dir / f"{cid}.csv").read_text().splitlines()[1].split(",")
+    assert {*FIELDS, "flagged", "heatmap_spread_mm", "tta_spread_mm"} <= set(header)
+    table = read_landmarks(csv_dir / f"{cid}.csv")
+    assert all(table.extras[n]["flagged"] == 0.0 for n in table.names)
+    assert all(float(table.extras[n]["tta_spread_mm"]) >= 0 for n in table.names)
+    assert "0 landmark(s) flagged" in r.out
+
+
+def test_uncalibrated_run_and_the_calibrate_command(
+    cli: Cli, tiny_run: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    run = _copy_run(tiny_run, tmp_path / "run")
+    (run / CALIBRATION_FILE).unlink()
+    image = _test_image(run, phantom_dir)
+    ls = Predictor(run, device="cpu").predict_file(image).landmarks
+    for name in ls.names:  # raw scores, but no invented calibrated numbers
+        assert "heatmap_spread_mm" in ls.extras[name] and "beyond_image_mm" in ls.extras[name]
+        assert not any(k in ls.extras[name] for k in FIELDS)
+
+    refused = cli("predict", "--model", run, "--input", image, "--out", tmp_path / "p",
+                  "--flag-above", "3")  # fmt: skip
+    assert refused.code != 0 and "calibrate" in refused.err
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
+
+    r = cli("calibrate", "--model", run, "--device", "cpu")
+    assert r.code == 0, r.err
+    again, original = load_calibration(run), load_calibration(tiny_run)
+    assert again is not None and original is not None
+    assert again.keys == original.keys and again.stats["cases"] == original.stats["cases"]
+    np.testing.assert_allclose(again.weights, original.weights, rtol=1e-3, atol=1e-6)
+
+    # a run whose fine stage is gone cannot be calibrated: a stale calibration is removed
+    shutil.rmtree(run / "fine" / "checkpoints" / "best")
+    assert calibrate_after_training(run, load_dataset(phantom_dir)) is None
+    assert not (run / CALIBRATION_FILE).exists()
+
+
+class _FixedCoarse(nn.Module):
+    """Stands in for the coarse ResNet: fixed normalised coordinates (-1..1 = the grid)."""
+
+    def __init__(self, normalised: np.ndarray) -> None:
+        super().__init__()
+        self.out = torch.as_tensor(normalised, dtype=torch.float32)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out.expand(x.shape[0], *self.out.shape).clone()
+
+
+@pytest.mark.parametrize("absence", [True, None])
+def test_landmark_predicted_far_outside_is_absent(
+    tiny_run: Path, phantom_dir: Path, tmp_path: Path, absence: bool | None
+) -> None:
+    p = Predictor(tiny_run, device="cpu", absence=absence)
+    t = np.zeros((len(p.landmark_names), 3))
+    t[0] = [3.0, 0.0, 0.0]  # a grid width beyond the image along i
+    p.coarse = _FixedCoarse(t)  # type: ignore[assignment]
+    ls = p.predict(read_image(phantom_dir / "images" / "case003.nii.gz")).landmarks
+    first = ls.names[0]
+    assert float(ls.extras[first]["beyond_image_mm"]) > 20.0
+    if absence:
+        assert ls.is_missing(first) and ls.extras[first]["absent"] == 1
+        reason = ls.missing_reason[first]
+        assert reason.startswith("outside field of view (predicted ") and "mm beyond" in reason
+        write_landmarks(ls, tmp_path / "p.json")
+        back = read_landmarks(tmp_path / "p.json")
+        assert back.is_missing(first) and back.missing_reason[first] == reason
+        assert not back.is_missing(ls.names[1])
+    else:  # the tiny run was not trained on cropped scans: kept, flagged (the old behaviour)
+        assert not ls.is_missing(first) and ls.extras[first]["outside_image"] == 1
+
+
+def test_calibration_on_cropped_cases_enables_absence(
+    tiny_run: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    spec = crop_dataset(phantom_dir, tmp_path / "cropped", fraction=1.0, seed=0)
+    cropped = load_dataset(spec)
+    run = _copy_run(tiny_run, tmp_path / "run")
+    cal = calibrate_run(run, cropped, device="cpu")
+    outside = sum(
+        len(c.extra["crop"]["outside"]) for c in cropped.cases if c.id in cal.stats["cases"]
+    )
+    assert cal.stats["n_truth_outside"] == outside > 0
+    assert cal.absence_enabled and cal.stats["n_annotations_outside_in_training"] >= outside
+    # landmarks truly outside are not used to fit the error model
+    assert cal.stats["n_points"] == 6 * cal.stats["n_cases"] - outside
+    tp, fn = cal.stats["absence_true_positives"], cal.stats["absence_false_negatives"]
+    assert tp + fn == outside
+    predictor = Predictor(run, device="cpu")
+    assert predictor.absence and predictor.absence_margin_mm == cal.absence_margin_mm
