@@ -165,7 +165,9 @@ class Volume:
     @classmethod
     def from_sitk(cls, image: sitk.Image, dtype: type = np.float32) -> Volume:
         """Copy a SimpleITK image into index-order numpy (the one transpose in the project)."""
-        arr: NDArray[np.floating] = sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(dtype, copy=False)
+        arr: NDArray[np.floating] = (
+            sitk.GetArrayFromImage(image).transpose(2, 1, 0).astype(dtype, copy=False)
+        )
         return cls(np.ascontiguousarray(arr), Geometry.from_sitk(image))
 
     def to_sitk(self) -> sitk.Image:
