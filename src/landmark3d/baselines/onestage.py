@@ -233,6 +233,7 @@ class OneStageStage:
         self, batch: Any, device: torch.device, autocast_ctx: AutocastFactory
     ) -> torch.Tensor:
         x, target = (t.to(device) for t in batch)
+        target = target * self.config.fine.heatmap_amplitude  # same target scale as the fine stage
         with autocast_ctx():
             pred = self.models["unet"](x)
         return heatmap_mse(pred.float(), target)

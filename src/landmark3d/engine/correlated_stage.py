@@ -32,10 +32,8 @@ from landmark3d.engine.stages import (
     _batches,
     _epoch_order,
     _StageBase,
-    make_optimizer,
-    make_scheduler,
 )
-from landmark3d.engine.trainer import AutocastFactory, TrainerConfig
+from landmark3d.engine.trainer import AutocastFactory
 from landmark3d.geometry.heatmap import gaussian_heatmaps
 from landmark3d.geometry.resample import patch_geometry, resample
 from landmark3d.geometry.space import Geometry, Volume
@@ -121,26 +119,9 @@ class CorrelatedStage(_StageBase):
         meta["groups"] = self.groups
         return meta
 
-    def make_optimizers(self, cfg: TrainerConfig) -> dict[str, torch.optim.Optimizer]:
-        k = self.config.correlated
-        return {
-            key: make_optimizer(m.parameters(), k.optimizer, k.lr, k.momentum, k.weight_decay)
-            for key, m in self.models.items()
-        }
-
-    def make_schedulers(
-        self, optimizers: dict[str, torch.optim.Optimizer], cfg: TrainerConfig
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, opt in optimizers.items():
-            sched = make_scheduler(opt, self.config.correlated.lr_schedule, cfg.epochs)
-            if sched is not None:
-                out[key] = sched
-        return out
-
-    def n_batches(self, epoch: int) -> int | None:
-        n = self.config.correlated.samples_per_epoch or len(self.train_ids)
-        return len(_batches(["x"] * n, self.config.correlated.batch_size))
+    @property
+    def section(self) -> CorrelatedConfig:
+        return self.config.correlated
 
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]:
         k, f = self.config.correlated, self.config.fine

@@ -25,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from landmark3d.config import ExperimentConfig
+from landmark3d.config import CoarseConfig, CorrelatedConfig, ExperimentConfig, FineConfig
 from landmark3d.data.dataset import Dataset
 from landmark3d.data.preprocess import (
     CaseCache,
@@ -108,6 +108,34 @@ class _StageBase:
     def case(self, case_id: str) -> PreparedCase:
         return self.cache.get(self.dataset, case_id)
 
+    @property
+    def section(self) -> CoarseConfig | FineConfig | CorrelatedConfig:
+        """The config section of this stage (optimizer, lr, batch size, epochs, ...)."""
+        raise NotImplementedError
+
+    def make_optimizers(self, cfg: TrainerConfig) -> dict[str, torch.optim.Optimizer]:
+        """One optimizer per model, as the section says."""
+        s = self.section
+        return {
+            key: make_optimizer(m.parameters(), s.optimizer, s.lr, s.momentum, s.weight_decay)
+            for key, m in self.models.items()
+        }
+
+    def make_schedulers(
+        self, optimizers: dict[str, torch.optim.Optimizer], cfg: TrainerConfig
+    ) -> dict[str, Any]:
+        """The section's learning-rate schedule for every optimizer (none when constant)."""
+        out: dict[str, Any] = {}
+        for key, opt in optimizers.items():
+            sched = make_scheduler(opt, self.section.lr_schedule, cfg.epochs)
+            if sched is not None:
+                out[key] = sched
+        return out
+
+    def n_batches(self, epoch: int) -> int | None:
+        n = self.section.samples_per_epoch or len(self.train_ids)
+        return len(_batches(["x"] * n, self.section.batch_size))
+
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
             "landmark_names": list(self.plan.landmark_names),
@@ -128,20 +156,9 @@ class CoarseStage(_StageBase):
         c = self.config.coarse
         self.models = {"coarse": CoarseRegressor(len(self.plan.landmark_names), c.widths, c.layers)}
 
-    def make_optimizers(self, cfg: TrainerConfig) -> dict[str, torch.optim.Optimizer]:
-        c = self.config.coarse
-        params = self.models["coarse"].parameters()
-        return {"coarse": make_optimizer(params, c.optimizer, c.lr, c.momentum, c.weight_decay)}
-
-    def make_schedulers(
-        self, optimizers: dict[str, torch.optim.Optimizer], cfg: TrainerConfig
-    ) -> dict[str, Any]:
-        sched = make_scheduler(optimizers["coarse"], self.config.coarse.lr_schedule, cfg.epochs)
-        return {} if sched is None else {"coarse": sched}
-
-    def n_batches(self, epoch: int) -> int | None:
-        n = self.config.coarse.samples_per_epoch or len(self.train_ids)
-        return len(_batches(["x"] * n, self.config.coarse.batch_size))
+    @property
+    def section(self) -> CoarseConfig:
+        return self.config.coarse
 
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]:
         c = self.config.coarse
@@ -195,26 +212,9 @@ class FineStage(_StageBase):
         meta["routes"] = {k: list(v) for k, v in self.routes.items()}
         return meta
 
-    def make_optimizers(self, cfg: TrainerConfig) -> dict[str, torch.optim.Optimizer]:
-        f = self.config.fine
-        return {
-            key: make_optimizer(m.parameters(), f.optimizer, f.lr, f.momentum, f.weight_decay)
-            for key, m in self.models.items()
-        }
-
-    def make_schedulers(
-        self, optimizers: dict[str, torch.optim.Optimizer], cfg: TrainerConfig
-    ) -> dict[str, Any]:
-        out: dict[str, Any] = {}
-        for key, opt in optimizers.items():
-            sched = make_scheduler(opt, self.config.fine.lr_schedule, cfg.epochs)
-            if sched is not None:
-                out[key] = sched
-        return out
-
-    def n_batches(self, epoch: int) -> int | None:
-        n = self.config.fine.samples_per_epoch or len(self.train_ids)
-        return len(_batches(["x"] * n, self.config.fine.batch_size))
+    @property
+    def section(self) -> FineConfig:
+        return self.config.fine
 
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]:
         f = self.config.fine
