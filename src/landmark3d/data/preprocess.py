@@ -129,8 +129,14 @@ def _coarse_source(fine: sitk.Image, canonical_geometry: Geometry, plan: Plan) -
     # low-pass: sigma (mm) grows with how much coarser the coarse grid is than the fine one
     sigma = 0.5 * np.sqrt(np.maximum(coarse_sp**2 - fine_sp**2, 0.0))
     out = fine
-    if np.any(sigma > 0.25 * fine_sp) and min(fine.GetSize()) >= 4:
-        out = sitk.SmoothingRecursiveGaussian(fine, [float(s) for s in sigma])
+    if min(fine.GetSize()) >= 4:
+        # per axis: ITK's recursive Gaussian refuses sigma 0, which happens along an axis on
+        # which the coarse grid is not coarser than the fine one (e.g. a cropped scan)
+        for axis, s in enumerate(sigma.tolist()):
+            if s > 0.25 * fine_sp[axis]:
+                out = sitk.RecursiveGaussian(
+                    out, float(s), False, sitk.RecursiveGaussianImageFilter.ZeroOrder, axis
+                )
     target = np.maximum(fine_sp, coarse_sp / 2.0)
     if np.any(target > 1.25 * fine_sp):  # worth storing a smaller image
         out = resample_to_spacing(out, tuple(float(t) for t in target))
