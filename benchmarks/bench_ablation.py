@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
         rows.append(
             {
                 "variant": f"full, combine={combine}",
-                "train_s": rows[-3]["train_s"],
+                "train_s": rows[4]["train_s"],
                 **_evaluate(predictor, ds, test_ids, group),
             }
         )
