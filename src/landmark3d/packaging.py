@@ -4,7 +4,7 @@
 
     manifest.json                        format, landmark names, modality, sha256 + size per file
     MODEL_CARD.md                        landmarks, modality, training data, metrics, use, limits
-    config.json  plan.json  split.json   as in the run directory
+    config.json  plan.json  split.json  calibration.json   as in the run directory
     coarse/checkpoints/best/{weights.safetensors, meta.json, state.json}
     fine/checkpoints/best/{weights.safetensors, meta.json, state.json}   (if trained)
     coarse/metrics.csv  fine/metrics.csv                                 (if present)
@@ -52,7 +52,7 @@ MAX_TEXT_BYTES = 64 << 20  # one JSON / CSV / Markdown file
 MAX_TOTAL_BYTES = 8 << 30
 _STAGE_RE = "|".join(re.escape(st) for st in STAGES)  # every training stage of a run
 _MEMBER = re.compile(
-    r"(config|plan|split)\.json|MODEL_CARD\.md|manifest\.json"
+    r"(config|plan|split|calibration)\.json|MODEL_CARD\.md|manifest\.json"
     rf"|({_STAGE_RE})/metrics\.csv"
     rf"|({_STAGE_RE})/checkpoints/best/(weights\.safetensors|meta\.json|state\.json)"
 )
@@ -71,9 +71,9 @@ def _run_files(run: Path) -> list[str]:
                 path=run,
                 fix="pass the --out directory of `landmark3d train`.",
             )
-    names = ["config.json", "plan.json"] + (
-        ["split.json"] if (run / "split.json").is_file() else []
-    )
+    names = ["config.json", "plan.json"] + [
+        extra for extra in ("split.json", "calibration.json") if (run / extra).is_file()
+    ]
     for stage in STAGES:
         ckpt = run / stage / "checkpoints" / "best"
         if not checkpoint_exists(ckpt):

@@ -35,8 +35,10 @@ def expected_members(run: Path) -> set[str]:
     """What an archive of ``run`` must hold: every trained stage's best checkpoint + metrics."""
     stages = [s for s in STAGES if (run / s / "checkpoints" / "best").is_dir()]
     assert stages[:2] == ["coarse", "fine"]
+    calibration = {"calibration.json"} if (run / "calibration.json").is_file() else set()
     return (
         TOP
+        | calibration
         | {f"{s}/metrics.csv" for s in stages}
         | {f"{s}/checkpoints/best/{f}" for s in stages for f in CKPT}
     )
@@ -124,6 +126,7 @@ def test_prediction_from_the_archive_equals_the_run(
         a = from_run.predict_file(ds.case(cid).image).landmarks
         b = from_zip.predict_file(ds.case(cid).image).landmarks
         np.testing.assert_array_equal(a.coords, b.coords)
+        assert a.extras == b.extras  # the calibration travels in the archive too
 
 
 def test_predictor_reads_a_dicom_series_directory(
