@@ -389,6 +389,14 @@ def fine_patch(prepared: PreparedCase, center_world: ArrayLike, plan: Plan) -> V
     )
 
 
+def centre_jitter_sd(plan: Plan, jitter_fraction: float) -> NDArray[np.float64]:
+    """Per-axis SD (mm, shape (3,)) of the training patch-centre jitter: ``jitter_fraction``
+    × patch edge in mm (paper: edge / 6). Shared by training and validation of the fine and
+    correlated stages."""
+    size = np.asarray(plan.patch_size, dtype=np.float64)
+    return jitter_fraction * size * np.asarray(plan.fine_spacing_mm, dtype=np.float64)
+
+
 def fine_training_sample(
     prepared: PreparedCase,
     landmark_names: Sequence[str],
@@ -412,7 +420,7 @@ def fine_training_sample(
     """
     size = plan.patch_size
     spacing = np.asarray(plan.fine_spacing_mm, dtype=np.float64)
-    jitter_sd = cfg.jitter_fraction * np.asarray(size, dtype=np.float64) * spacing
+    jitter_sd = centre_jitter_sd(plan, cfg.jitter_fraction)
     direction = prepared.geometry.direction
     aug = _augmenting(rng, augment)
     patches = np.full((len(landmark_names), *size), prepared.background, dtype=np.float32)

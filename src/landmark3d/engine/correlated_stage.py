@@ -26,7 +26,7 @@ import numpy as np
 import torch
 
 from landmark3d.config import CorrelatedConfig
-from landmark3d.data.preprocess import PreparedCase, intensity_augment
+from landmark3d.data.preprocess import PreparedCase, centre_jitter_sd, intensity_augment
 from landmark3d.engine.stages import (
     VALIDATION_SEED,
     _batches,
@@ -78,7 +78,7 @@ def group_training_sample(
         return None
     size = plan.patch_size
     spacing = np.asarray(plan.fine_spacing_mm, dtype=np.float64)
-    jitter_sd = jitter_fraction * np.asarray(size, dtype=np.float64) * spacing
+    jitter_sd = centre_jitter_sd(plan, jitter_fraction)
     centers = truth + rng.normal(0.0, 1.0, truth.shape) * jitter_sd
     geom = prepared.geometry
     shared_shift = float(rng.normal(0.0, 1.0)) * jitter_sd[axis] / spacing[axis]
@@ -176,11 +176,7 @@ class CorrelatedStage(_StageBase):
             return {}
         f = self.config.fine
         rng = np.random.default_rng(VALIDATION_SEED)
-        jitter_sd = (
-            f.jitter_fraction
-            * np.asarray(self.plan.patch_size)
-            * np.asarray(self.plan.fine_spacing_mm)
-        )
+        jitter_sd = centre_jitter_sd(self.plan, f.jitter_fraction)
         errors = []
         for cid in self.val_ids:
             prepared = self.case(cid)

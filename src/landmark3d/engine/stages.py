@@ -30,6 +30,7 @@ from landmark3d.data.dataset import Dataset
 from landmark3d.data.preprocess import (
     CaseCache,
     PreparedCase,
+    centre_jitter_sd,
     coarse_sample,
     fine_training_sample,
 )
@@ -272,11 +273,7 @@ class FineStage(_StageBase):
             return {}
         f = self.config.fine
         rng = np.random.default_rng(VALIDATION_SEED)
-        jitter_sd = (
-            f.jitter_fraction
-            * np.asarray(self.plan.patch_size)
-            * np.asarray(self.plan.fine_spacing_mm)
-        )
+        jitter_sd = centre_jitter_sd(self.plan, f.jitter_fraction)
         errors = []
         for cid in self.val_ids:
             prepared = self.case(cid)
