@@ -40,7 +40,7 @@ from landmark3d.engine.checkpoint import (
 )
 from landmark3d.engine.device import select_device
 from landmark3d.engine.run import make_split
-from landmark3d.engine.stages import make_optimizer, make_scheduler
+from landmark3d.engine.stages import _StageBase, make_optimizer, make_scheduler
 from landmark3d.engine.trainer import AutocastFactory, TrainerConfig, TrainResult, fit
 from landmark3d.errors import CheckpointError, ConfigError
 from landmark3d.geometry.decode import decode_world
@@ -148,7 +148,7 @@ def onestage_predict(
     return world, peaks
 
 
-class OneStageStage:
+class OneStageStage(_StageBase):
     """The baseline as a :class:`landmark3d.engine.trainer.Stage` for :func:`fit`."""
 
     name = STAGE_NAME
@@ -163,31 +163,14 @@ class OneStageStage:
         train_ids: Sequence[str],
         val_ids: Sequence[str],
     ) -> None:
-        if not train_ids:
-            raise ValueError("no training cases")
-        self.dataset = dataset
-        self.plan = plan
-        self.config = config
+        super().__init__(dataset, plan, config, cache, train_ids, val_ids)
         self.onestage = onestage.resolved(plan)
         self.sample_plan = grid_plan(plan, self.onestage)
-        self.cache = cache
-        self.train_ids = list(train_ids)
-        self.val_ids = list(val_ids)
         n = len(plan.landmark_names)
-        self.models: dict[str, torch.nn.Module] = {"unet": PatchUNet(n, self.onestage.channels)}
-
-    def case(self, case_id: str) -> PreparedCase:
-        return self.cache.get(self.dataset, case_id)
+        self.models = {"unet": PatchUNet(n, self.onestage.channels)}
 
     def checkpoint_meta(self) -> dict[str, Any]:
-        return {
-            "landmark_names": list(self.plan.landmark_names),
-            "config": self.config.to_dict(),
-            "plan": self.plan.to_dict(),
-            "onestage": self.onestage.to_dict(),
-            "train_ids": self.train_ids,
-            "val_ids": self.val_ids,
-        }
+        return {**super().checkpoint_meta(), "onestage": self.onestage.to_dict()}
 
     def make_optimizers(self, cfg: TrainerConfig) -> dict[str, torch.optim.Optimizer]:
         o = self.onestage
