@@ -27,6 +27,7 @@ import torch
 
 from landmark3d.config import CorrelatedConfig
 from landmark3d.data.preprocess import PreparedCase, centre_jitter_sd, intensity_augment
+from landmark3d.engine.distributed import shard_range
 from landmark3d.engine.stages import (
     VALIDATION_SEED,
     _batches,
@@ -152,12 +153,30 @@ class CorrelatedStage(_StageBase):
                 for key, lists in batch.items()
             }
 
+    def shard_batch(self, batch: Any, rank: int, world: int) -> tuple[Any | None, float]:
+        """Rank ``rank``'s share of every group's samples (multi-process training).
+
+        Groups have their own sample counts (a case lacking a member adds none), so each
+        group's tensors are split separately and carry their loss weight ``n_g,r / n_g`` as a
+        4th element: summed over ranks, ``Σ_g weight · mean_g`` is the single-process loss.
+        A batch without any group stays whole on every rank (its zero loss is the same).
+        """
+        if not batch:
+            return batch, 1.0
+        local: dict[str, tuple[Any, ...]] = {}
+        for key, tensors in batch.items():
+            n = int(tensors[0].shape[0])
+            start, stop = shard_range(n, rank, world)
+            if stop > start:
+                local[key] = (*(t[start:stop] for t in tensors), (stop - start) / n)
+        return (local or None), 1.0
+
     def train_step(
         self, batch: Any, device: torch.device, autocast_ctx: AutocastFactory
     ) -> torch.Tensor:
         k = self.config.correlated
         losses = []
-        for key, (patches, heatmaps, profiles) in batch.items():
+        for key, (patches, heatmaps, profiles, *share) in batch.items():
             with autocast_ctx():
                 out = self.models[key](patches.to(device))
             out = {name: t.float() for name, t in out.items()}
@@ -165,7 +184,7 @@ class CorrelatedStage(_StageBase):
             terms = correlated_loss(
                 out, heatmaps.to(device) * amp, profiles.to(device) * amp, k.lambda0, k.lambda1
             )
-            losses.append(terms["loss"])
+            losses.append(terms["loss"] * share[0] if share else terms["loss"])
         if not losses:  # no case in this batch has a complete group
             first = next(iter(self.models.values()))
             return sum(p.sum() * 0.0 for p in first.parameters())  # type: ignore[return-value]

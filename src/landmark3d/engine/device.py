@@ -19,18 +19,22 @@ _AMP_ON = {"on", "true", "yes", "1"}
 _AMP_OFF = {"off", "false", "no", "0"}
 
 
-def select_device(pref: str = "auto") -> torch.device:
+def select_device(pref: str = "auto", local_rank: int | None = None) -> torch.device:
     """Return the torch device to run on.
 
     Args:
         pref: ``"auto"`` (CUDA if available, else CPU), ``"cpu"``, ``"cuda"`` or ``"cuda:N"``.
+        local_rank: in a multi-process run, the process's rank on its node: ``"auto"`` and
+            ``"cuda"`` then mean ``cuda:local_rank`` (one GPU per process).
 
     Raises:
         ConfigError: the preference is unknown, or CUDA was asked for but is not available.
     """
     text = str(pref).strip().lower()
     if text == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+        text = "cuda" if torch.cuda.is_available() else "cpu"
+    if text == "cuda" and local_rank is not None:
+        text = f"cuda:{local_rank}"
     if text == "cpu":
         return torch.device("cpu")
     if text == "cuda" or text.startswith("cuda:"):
@@ -50,7 +54,7 @@ def select_device(pref: str = "auto") -> torch.device:
 
 
 def amp_enabled(device: torch.device, pref: str | bool = "auto") -> bool:
-    """Whether to use automatic mixed precision (float16 autocast + GradScaler).
+    """Whether to use automatic mixed precision (autocast in :func:`amp_dtype`).
 
     AMP is only ever used on CUDA: on CPU this returns False whatever ``pref`` says, so a
     config written for a GPU still runs (in float32) on a laptop.
@@ -75,15 +79,91 @@ def amp_enabled(device: torch.device, pref: str | bool = "auto") -> bool:
     return wanted and device.type == "cuda"
 
 
-def autocast(device: torch.device, enabled: bool) -> contextlib.AbstractContextManager[Any]:
-    """A context running its body under float16 autocast on ``device`` when ``enabled``.
+def amp_dtype(device: torch.device, pref: str = "auto") -> torch.dtype:
+    """The autocast dtype: bfloat16 where the device supports it, else float16.
 
-    When disabled this is a no-op context (not ``torch.autocast(enabled=False)``, which
-    would also switch off an autocast region the caller is already inside).
+    bfloat16 has float32's exponent range, so it needs no loss scaling; float16 does
+    (:func:`grad_scaler`). ``"auto"`` picks bfloat16 on CUDA devices that support it
+    (Ampere and later) and on CPU, float16 on older GPUs.
+
+    Args:
+        device: the device autocast runs on.
+        pref: ``"auto"``, ``"bf16"``/``"bfloat16"`` or ``"fp16"``/``"float16"``.
+
+    Raises:
+        ConfigError: unknown ``pref``.
+    """
+    text = str(pref).strip().lower()
+    if text in ("bf16", "bfloat16"):
+        return torch.bfloat16
+    if text in ("fp16", "float16", "half"):
+        return torch.float16
+    if text != "auto":
+        raise ConfigError(f"unknown amp dtype {pref!r}.", fix="use 'auto', 'bf16' or 'fp16'.")
+    if device.type == "cuda":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16
+
+
+def autocast(
+    device: torch.device, enabled: bool, dtype: torch.dtype | None = None
+) -> contextlib.AbstractContextManager[Any]:
+    """A context running its body under autocast on ``device`` when ``enabled``.
+
+    Args:
+        device: the device the body runs on.
+        enabled: False gives a no-op context (not ``torch.autocast(enabled=False)``, which
+            would also switch off an autocast region the caller is already inside).
+        dtype: the reduced precision; default float16 (as before :func:`amp_dtype` existed).
     """
     if not enabled:
         return contextlib.nullcontext()
-    return torch.autocast(device_type=device.type, dtype=torch.float16, enabled=True)
+    return torch.autocast(device_type=device.type, dtype=dtype or torch.float16, enabled=True)
+
+
+def grad_scaler(device: torch.device, enabled: bool, dtype: torch.dtype) -> torch.amp.GradScaler:
+    """Loss scaler for mixed precision: active only for float16 autocast.
+
+    With bfloat16 or AMP off the scaler is disabled: ``scale`` returns the loss unchanged,
+    ``unscale_`` does nothing and ``step`` just steps the optimizer.
+    """
+    active = enabled and dtype == torch.float16
+    return torch.amp.GradScaler(device.type, enabled=active)
+
+
+def channels_last_enabled(device: torch.device, pref: str | bool = "auto") -> bool:
+    """Whether to store 3D conv weights and activations channels-last (NDHWC).
+
+    Channels-last 3D lets cuDNN use its fastest (tensor-core) kernels; on CPU it buys nothing
+    reliable, so ``"auto"`` means CUDA only. ``"on"``/True forces it (also on CPU, e.g. tests).
+
+    Raises:
+        ConfigError: unknown ``pref``.
+    """
+    if isinstance(pref, bool):
+        return pref
+    text = str(pref).strip().lower()
+    if text == "auto":
+        return device.type == "cuda"
+    if text in _AMP_ON:
+        return True
+    if text in _AMP_OFF:
+        return False
+    raise ConfigError(f"unknown channels_last setting {pref!r}.", fix="use 'auto', 'on' or 'off'.")
+
+
+def to_channels_last(obj: Any) -> Any:
+    """A 5-D tensor (or module) in ``torch.channels_last_3d`` memory format.
+
+    Tensors of other ranks are returned unchanged; a module has its 5-D weights converted in
+    place (``Module.to(memory_format=...)`` touches only 4-/5-D parameters). Values and
+    shapes never change — only the strides.
+    """
+    if isinstance(obj, torch.Tensor):
+        return obj.contiguous(memory_format=torch.channels_last_3d) if obj.ndim == 5 else obj
+    if isinstance(obj, torch.nn.Module):
+        return obj.to(memory_format=torch.channels_last_3d)  # type: ignore[call-overload]
+    raise TypeError(f"expected a tensor or module, got {type(obj).__name__}")
 
 
 def set_num_threads(n: int | None) -> None:

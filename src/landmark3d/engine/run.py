@@ -13,6 +13,11 @@ Run directory (``RUN``)::
     RUN/calibration.json   confidence calibration fitted on the validation cases after training
                            (:mod:`landmark3d.engine.calibrate`)
 
+Multi-process (``torchrun``): every rank computes the same split; rank 0 alone writes
+config.json, split.json, plan.json (the others receive the plan), prepares the case cache
+(the others then read it, and never write it), trains with the others (see
+:mod:`landmark3d.engine.distributed`) and calibrates while they wait.
+
 Splits: with ``fold=k`` the cases of fold k are the *test* cases (never seen in training or
 model selection); a validation subset (``val_fraction`` of the remaining cases, at least 2, at
 random with the config's seed) is held out of training to pick the ``best`` checkpoint.
@@ -35,6 +40,7 @@ from landmark3d.data.dataset import Dataset
 from landmark3d.data.preprocess import CaseCache
 from landmark3d.engine.checkpoint import checkpoint_exists
 from landmark3d.engine.correlated_stage import CorrelatedStage
+from landmark3d.engine.distributed import DistContext, init_distributed, on_main
 from landmark3d.engine.stages import CoarseStage, FineStage
 from landmark3d.engine.trainer import TrainerConfig, TrainResult, fit
 from landmark3d.errors import ConfigError, DatasetError, OutputExistsError
@@ -193,6 +199,27 @@ def _check_same_split(split_path: Path, split: Split, resume: bool) -> None:
         )
 
 
+class _ReadOnlyCaseCache(CaseCache):
+    """The cache as ranks other than 0 use it: rank 0's files are read, nothing is written
+    (a case missing on disk, e.g. on a node that does not share the run directory, is
+    prepared in memory only)."""
+
+    def _store(self, p: Any, key: str) -> None:
+        return None
+
+
+def _warm_cache(cache: CaseCache, dataset: Dataset, ids: Sequence[str], ctx: DistContext) -> None:
+    """In a multi-process run rank 0 prepares every case first, so no other rank has to."""
+    if not ctx.is_distributed:
+        return
+
+    def prepare() -> None:
+        for cid in ids:
+            cache.get(dataset, cid)
+
+    on_main(prepare, ctx)
+
+
 def train_run(
     dataset: Dataset,
     config: ExperimentConfig,
@@ -216,29 +243,36 @@ def train_run(
         raise ConfigError(f"unknown stage(s) {unknown}.", fix=f"choose from {list(STAGES)}.")
     run = Path(run_dir)
     config_path = run / "config.json"
-    _check_run_dir(run, config, stages, resume, overwrite)
-    run.mkdir(parents=True, exist_ok=True)
-    if resume and config_path.exists():
-        saved = ExperimentConfig.from_json(config_path)
-        if saved.to_dict() != config.to_dict():
-            raise ConfigError(
-                "the config differs from the one this run was started with.",
-                path=config_path,
-                fix="resume with the same config (or start a new run directory).",
-            )
+    ctx = init_distributed(config.device)  # no-op unless started by torchrun with K > 1
     split = make_split(dataset, fold, config.seed, val_fraction)
-    _check_same_split(run / "split.json", split, resume)
-    _write_json(
-        run / "split.json",
-        {
-            "dataset": str(dataset.source),
-            "landmark_format": _landmark_format_of(dataset),
-            **split.to_dict(),
-        },
-    )
-    config.save_json(config_path)
-    plan = _load_or_make_plan(run, dataset, config, split, resume)
-    cache = CaseCache(Path(cache_dir) if cache_dir else run / "cache", plan, keep_in_memory=True)
+
+    def set_up() -> Plan:
+        _check_run_dir(run, config, stages, resume, overwrite)
+        run.mkdir(parents=True, exist_ok=True)
+        if resume and config_path.exists():
+            saved = ExperimentConfig.from_json(config_path)
+            if saved.to_dict() != config.to_dict():
+                raise ConfigError(
+                    "the config differs from the one this run was started with.",
+                    path=config_path,
+                    fix="resume with the same config (or start a new run directory).",
+                )
+        _check_same_split(run / "split.json", split, resume)
+        _write_json(
+            run / "split.json",
+            {
+                "dataset": str(dataset.source),
+                "landmark_format": _landmark_format_of(dataset),
+                **split.to_dict(),
+            },
+        )
+        config.save_json(config_path)
+        return _load_or_make_plan(run, dataset, config, split, resume)
+
+    plan = on_main(set_up, ctx)  # rank 0 writes; every rank gets the plan
+    cache_cls = CaseCache if ctx.is_main else _ReadOnlyCaseCache
+    cache = cache_cls(Path(cache_dir) if cache_dir else run / "cache", plan, keep_in_memory=True)
+    _warm_cache(cache, dataset, split.train + split.val, ctx)
 
     results: dict[str, TrainResult] = {}
     for name in STAGES:
@@ -250,7 +284,8 @@ def train_run(
         torch.manual_seed(stage_seed(config, name))  # initial weights: same seed, same network
         stage = cls(dataset, plan, config, cache, split.train, split.val)
         stage_dir = run / name
-        stage_resume = resume and checkpoint_exists(stage_dir / "checkpoints" / "last")
+        last = stage_dir / "checkpoints" / "last"
+        stage_resume = resume and on_main(lambda: checkpoint_exists(last), ctx)  # noqa: B023
         results[name] = fit(
             stage,
             trainer_config(config, name),
@@ -261,5 +296,8 @@ def train_run(
         )
     from landmark3d.engine.calibrate import calibrate_after_training  # imports the predictor
 
-    calibrate_after_training(run, dataset, device=config.device)
+    def calibrate() -> None:
+        calibrate_after_training(run, dataset, device=config.device)
+
+    on_main(calibrate, ctx)  # rank 0 only; the others wait for it
     return RunResult(run, plan, split, results)

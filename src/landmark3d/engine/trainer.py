@@ -5,6 +5,9 @@ runs it. Run directory layout written by :func:`fit`::
 
     <out_dir>/metrics.csv          one row per completed epoch (rewritten atomically)
     <out_dir>/train.log            timestamped plain-text lines
+    <out_dir>/timing.csv           per epoch: data_wait_s (waiting for the next batch),
+                                   compute_s (forward/backward/step), validate_s, epoch_s,
+                                   samples, samples_per_s, world_size
     <out_dir>/checkpoints/last     after every epoch: models, optimizers, schedulers, scaler,
                                    RNG, epoch, best metric and the metrics history
     <out_dir>/checkpoints/best     models + state whenever the monitored metric improves
@@ -12,6 +15,15 @@ runs it. Run directory layout written by :func:`fit`::
 Determinism: at the start of epoch ``e`` (0-based) the trainer seeds python ``random`` and
 torch with ``seed * 1000 + e`` and hands the stage ``np.random.default_rng([seed, e])``, so a
 run resumed at an epoch boundary continues exactly like an uninterrupted one (on CPU).
+Batches are built in a background thread (``TrainerConfig.prefetch``) from that generator
+alone, so their order and content do not depend on the thread.
+
+Multi-process runs (``torchrun``): see :mod:`landmark3d.engine.distributed`. Every rank draws
+the same global batches and trains on its share; gradients are summed over ranks so K
+processes do the optimisation of one process with the same global batch. Rank 0 alone
+validates (the metrics are broadcast) and writes every file; the others only read.
+AMP (bfloat16, or float16 with loss scaling) and channels-last 3D are automatic on CUDA;
+CPU stays float32.
 """
 
 from __future__ import annotations
@@ -40,11 +52,28 @@ from torch import nn
 
 from landmark3d.engine.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
 from landmark3d.engine.device import (
+    amp_dtype,
     amp_enabled,
     autocast,
+    channels_last_enabled,
+    grad_scaler,
     seed_everything,
     select_device,
     set_num_threads,
+    to_channels_last,
+)
+from landmark3d.engine.distributed import (
+    DistContext,
+    Fed,
+    Prefetcher,
+    agree,
+    broadcast_state,
+    feed,
+    init_distributed,
+    on_main,
+    shard_batch,
+    sync_gradients,
+    unique_parameters,
 )
 from landmark3d.errors import CheckpointError, ConfigError, OutputExistsError
 from landmark3d.io.atomic import atomic_write_text
@@ -87,7 +116,14 @@ class Stage(Protocol):
         ...
 
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]:
-        """The training batches of ``epoch``; all randomness must come from ``rng``/torch."""
+        """The (global) training batches of ``epoch``; all randomness must come from ``rng``.
+
+        May run in a background thread (:class:`~landmark3d.engine.distributed.Prefetcher`):
+        do not draw from torch's global RNG here. In a multi-process run each rank trains on
+        its share (``shard_batch(batch, rank, world) -> (local batch | None, loss weight)``
+        if the stage defines it, else the generic
+        :func:`~landmark3d.engine.distributed.shard_batch` slicing every tensor's first axis).
+        """
         ...
 
     def train_step(
@@ -120,6 +156,11 @@ class TrainerConfig:
         monitor_mode: ``"min"`` (lower is better) or ``"max"``.
         num_threads: torch CPU threads, or None for torch's default.
         deterministic: ask torch for deterministic algorithms.
+        amp_dtype: ``"auto"`` (bfloat16 where supported, else float16 + loss scaling),
+            ``"bf16"`` or ``"fp16"``.
+        channels_last: ``"auto"`` (CUDA only), ``"on"``/``"off"``: 3D conv weights in
+            ``channels_last_3d`` memory format.
+        prefetch: batches built ahead in a background thread (0 = build them inline).
     """
 
     epochs: int
@@ -133,6 +174,9 @@ class TrainerConfig:
     monitor_mode: Literal["min", "max"] = "min"
     num_threads: int | None = None
     deterministic: bool = True
+    amp_dtype: str = "auto"
+    channels_last: str | bool = "auto"
+    prefetch: int = 2
 
     def __post_init__(self) -> None:
         if not isinstance(self.epochs, int) or self.epochs < 1:
@@ -149,6 +193,12 @@ class TrainerConfig:
             raise ConfigError(
                 f"grad_clip must be > 0 or null, got {self.grad_clip!r}.", fix="use e.g. 12."
             )
+        if (
+            isinstance(self.prefetch, bool)
+            or not isinstance(self.prefetch, int)
+            or self.prefetch < 0
+        ):
+            raise ConfigError(f"prefetch must be >= 0, got {self.prefetch!r}.", fix="use e.g. 2.")
         if self.monitor_mode not in ("min", "max"):
             raise ConfigError(f"monitor_mode must be 'min' or 'max', got {self.monitor_mode!r}.")
 
@@ -166,6 +216,7 @@ class TrainResult:
         best_checkpoint: ``checkpoints/best`` (None if never written).
         history: the metrics.csv rows as dicts.
         finished: True when ``epochs_completed == cfg.epochs``.
+        timing: the timing.csv rows (data wait, compute, samples/s per epoch).
     """
 
     out_dir: Path
@@ -177,6 +228,7 @@ class TrainResult:
     best_checkpoint: Path | None
     history: list[dict[str, Any]] = field(default_factory=list)
     finished: bool = False
+    timing: list[dict[str, Any]] = field(default_factory=list)
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -184,17 +236,22 @@ class TrainingInterrupted(KeyboardInterrupt):
 
 
 class _RunLog:
-    """Append-only, timestamped ``train.log`` (flushed per line), echoed to a console."""
+    """Append-only, timestamped ``train.log`` (flushed per line), echoed to a console.
 
-    def __init__(self, path: Path, console: Console | None) -> None:
+    With ``path=None`` (ranks other than 0) nothing is written or echoed.
+    """
+
+    def __init__(self, path: Path | None, console: Console | None) -> None:
         self.path = path
         self.console = console
 
     def size(self) -> int:
-        return self.path.stat().st_size if self.path.exists() else 0
+        return self.path.stat().st_size if self.path and self.path.exists() else 0
 
     def truncate(self, size: int) -> int:
         """Cut the log back to ``size`` bytes; returns the number of bytes removed."""
+        if self.path is None:
+            return 0
         current = self.size()
         if current > size:
             with open(self.path, "r+b") as fh:
@@ -202,6 +259,8 @@ class _RunLog:
         return max(current - size, 0)
 
     def write(self, message: str) -> None:
+        if self.path is None:
+            return
         stamp = datetime.now().isoformat(timespec="seconds")
         with open(self.path, "a", encoding="utf-8") as fh:
             fh.write(f"{stamp} {message}\n")
@@ -262,38 +321,91 @@ def _current_lrs(optimizers: dict[str, torch.optim.Optimizer]) -> dict[str, floa
     return {f"lr_{n}": float(o.param_groups[0]["lr"]) for n, o in optimizers.items()}
 
 
+@dataclass
+class _StepEnv:
+    """What every optimizer step needs besides the batch."""
+
+    device: torch.device
+    optimizers: dict[str, torch.optim.Optimizer]
+    scaler: torch.amp.GradScaler
+    use_amp: bool
+    dtype: torch.dtype
+    grad_clip: float | None
+    ctx: DistContext
+    params: list[nn.Parameter]
+
+
+def _diverged(value: float, where: str) -> ConfigError:
+    return ConfigError(
+        f"training diverged: loss is {value} at {where}.",
+        fix="lower the learning rate or set grad_clip; resume from checkpoints/last.",
+    )
+
+
 def _optimizer_step(
-    stage: Stage,
-    batch: Any,
-    device: torch.device,
-    optimizers: dict[str, torch.optim.Optimizer],
-    scaler: torch.amp.GradScaler,
-    use_amp: bool,
-    grad_clip: float | None,
-    where: str,
-) -> float:
-    """One forward/backward/step; returns the loss value."""
-    for opt in optimizers.values():
+    stage: Stage, fed: Fed, env: _StepEnv, where: str, stop: bool
+) -> tuple[float, bool]:
+    """One forward/backward/(all-reduce)/step.
+
+    Returns:
+        ``(loss, stop)``: the loss of the global batch (in a multi-process run the weighted sum
+        over ranks) and whether any rank asked to stop.
+    """
+    for opt in env.optimizers.values():
         opt.zero_grad(set_to_none=True)
-    loss = stage.train_step(batch, device, lambda: autocast(device, use_amp))
-    if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
-        raise TypeError(f"{type(stage).__name__}.train_step must return a scalar tensor")
-    value = float(loss.detach())
-    if not math.isfinite(value) and not use_amp:
-        raise ConfigError(
-            f"training diverged: loss is {value} at {where}.",
-            fix="lower the learning rate or set grad_clip; resume from checkpoints/last.",
+    value = 0.0
+    if fed.local is not None:
+        loss = stage.train_step(
+            fed.local, env.device, lambda: autocast(env.device, env.use_amp, env.dtype)
         )
-    scaler.scale(loss).backward()
-    if grad_clip is not None:
-        params = [p for o in optimizers.values() for g in o.param_groups for p in g["params"]]
-        for opt in optimizers.values():
-            scaler.unscale_(opt)
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    for opt in optimizers.values():
-        scaler.step(opt)
-    scaler.update()
-    return value
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            raise TypeError(f"{type(stage).__name__}.train_step must return a scalar tensor")
+        value = float(loss.detach())
+        if not env.ctx.is_distributed and not math.isfinite(value) and not env.use_amp:
+            raise _diverged(value, where)
+        if env.ctx.is_distributed:  # sum over ranks of weight * mean = mean of the global batch
+            loss, value = loss * fed.weight, value * fed.weight
+        env.scaler.scale(loss).backward()
+    if env.ctx.is_distributed:
+        value, stop = sync_gradients(env.params, value, stop, env.ctx)
+        if not math.isfinite(value) and not env.use_amp:
+            raise _diverged(value, where)
+    if env.grad_clip is not None:
+        for opt in env.optimizers.values():
+            env.scaler.unscale_(opt)
+        torch.nn.utils.clip_grad_norm_(env.params, env.grad_clip)
+    for opt in env.optimizers.values():
+        env.scaler.step(opt)
+    env.scaler.update()
+    if env.device.type == "cuda":  # so that compute_s measures the work, not its launch
+        torch.cuda.synchronize(env.device)
+    return value, stop
+
+
+@dataclass
+class _EpochWriter:
+    """Rank 0's end-of-epoch writes: log line, metrics.csv, timing.csv, checkpoints."""
+
+    out: Path
+    log: _RunLog
+    models: dict[str, nn.Module]
+    optimizers: dict[str, torch.optim.Optimizer]
+    schedulers: dict[str, Any]
+    scalers: dict[str, Any]
+    meta: dict[str, Any]
+
+    def write(self, line: str, state: dict[str, Any], improved: bool) -> None:
+        self.log.write(line)
+        _write_metrics_csv(self.out / "metrics.csv", state["history"])
+        _write_metrics_csv(self.out / "timing.csv", state["timing"])
+        state = {**state, "log_bytes": self.log.size()}
+        ckpts = self.out / "checkpoints"
+        if improved:  # best before last: a crash in between redoes this epoch on resume
+            save_checkpoint(ckpts / "best", self.models, state=state, meta=self.meta)
+        save_checkpoint(
+            ckpts / "last", self.models, self.optimizers, self.schedulers, self.scalers,
+            state, self.meta,
+        )  # fmt: skip
 
 
 @contextlib.contextmanager
@@ -313,9 +425,8 @@ def _progress_bar(enabled: bool, console: Console) -> Iterator[Progress]:
 
 def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
     last = out / "checkpoints" / "last"
-    leftovers = [
-        p for p in (out / "checkpoints", out / "metrics.csv", out / "train.log") if p.exists()
-    ]
+    files = ("metrics.csv", "train.log", "timing.csv")
+    leftovers = [p for p in (out / "checkpoints", *(out / f for f in files)) if p.exists()]
     if resume:
         if not checkpoint_exists(last):
             raise CheckpointError(
@@ -331,7 +442,7 @@ def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
                 fix="resume it (--resume), pass --overwrite to start again, or choose another output.",
             )
         shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in ("metrics.csv", "train.log"):
+        for name in files:
             (out / name).unlink(missing_ok=True)
 
 
@@ -367,30 +478,45 @@ def fit(
         ConfigError: bad settings, no batches, diverged loss, or the monitor metric missing.
     """
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    _prepare_run_dir(out, resume, overwrite)
+    ctx = init_distributed(cfg.device)  # no-op unless torchrun started several processes
+
+    def prepare() -> None:
+        out.mkdir(parents=True, exist_ok=True)
+        _prepare_run_dir(out, resume, overwrite)
+
+    on_main(prepare, ctx)
     last_path, best_path = out / "checkpoints" / "last", out / "checkpoints" / "best"
     console = Console(stderr=True, log_path=False)
-    show = progress and console.is_terminal
-    log = _RunLog(out / "train.log", console if show else None)
+    show = progress and console.is_terminal and ctx.is_main
+    log = _RunLog(out / "train.log" if ctx.is_main else None, console if show else None)
 
     set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
-    device = select_device(cfg.device)
+    device = select_device(cfg.device, ctx.local_rank if ctx.is_distributed else None)
     use_amp = amp_enabled(device, cfg.amp)
+    dtype = amp_dtype(device, cfg.amp_dtype)
+    channels_last = channels_last_enabled(device, cfg.channels_last)
     for model in stage.models.values():
         model.to(device)
+        if channels_last:
+            to_channels_last(model)
     optimizers = stage.make_optimizers(cfg)
     schedulers = stage.make_schedulers(optimizers, cfg)
-    scaler = torch.amp.GradScaler("cuda" if use_amp else device.type, enabled=use_amp)
-    scalers = {"amp": scaler} if use_amp else {}
+    scaler = grad_scaler(device, use_amp, dtype)
+    scalers = {"amp": scaler} if scaler.is_enabled() else {}
+    env = _StepEnv(
+        device, optimizers, scaler, use_amp, dtype, cfg.grad_clip, ctx,
+        unique_parameters(optimizers.values()),
+    )  # fmt: skip
     stage_meta = dict(stage.checkpoint_meta())
     meta = {**stage_meta, "stage": stage.name, "trainer": asdict(cfg)}
+    sharder = getattr(stage, "shard_batch", None) or shard_batch
 
     start, global_step = 0, 0
     best: float | None = None
     best_epoch: int | None = None
     history: list[dict[str, Any]] = []
+    timing: list[dict[str, Any]] = []
     if resume:
         expect: dict[str, Any] = {"stage": stage.name}
         if "landmark_names" in stage_meta:
@@ -401,14 +527,25 @@ def fit(
         start, global_step = int(state["epoch"]), int(state["global_step"])
         best, best_epoch = state.get("best_metric"), state.get("best_epoch")
         history = list(state.get("history", []))
-        removed = log.truncate(int(state.get("log_bytes", 0)))
-        _write_metrics_csv(out / "metrics.csv", history)
-        log.write(
-            f"resumed {stage.name} from {last_path} after epoch {start} "
-            f"(step {global_step}; {removed} bytes of log from the unfinished run removed)"
-        )
+        timing = list(state.get("timing", []))
+
+        def rewind() -> None:
+            removed = log.truncate(int(state.get("log_bytes", 0)))
+            _write_metrics_csv(out / "metrics.csv", history)
+            _write_metrics_csv(out / "timing.csv", timing)
+            log.write(
+                f"resumed {stage.name} from {last_path} after epoch {start} "
+                f"(step {global_step}; {removed} bytes of log from the unfinished run removed)"
+            )
+
+        on_main(rewind, ctx)
     else:
-        log.write(f"start {stage.name}: device={device} amp={use_amp} config={asdict(cfg)}")
+        log.write(
+            f"start {stage.name}: device={device} amp={use_amp}"
+            f"{f' ({dtype})' if use_amp else ''} channels_last={channels_last} "
+            f"world_size={ctx.world_size} config={asdict(cfg)}"
+        )
+    broadcast_state(stage.models, ctx)  # every rank starts from rank 0's weights
 
     completed = start
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
@@ -426,41 +563,63 @@ def fit(
                 f"{stage.name} {epoch + 1}/{cfg.epochs}", total=stage.n_batches(epoch), info=""
             )
             losses: list[float] = []
-            for batch in stage.train_batches(epoch, rng):
-                where = f"epoch {epoch + 1} step {global_step + 1}"
-                value = _optimizer_step(
-                    stage, batch, device, optimizers, scaler, use_amp, cfg.grad_clip, where
-                )
-                losses.append(value)
-                global_step += 1
-                bar.update(task, advance=1, info=f"loss {value:.4g}")
-                if cfg.log_every and global_step % cfg.log_every == 0:
-                    log.write(f"{where} loss {value:.6g}")
-                if guard.received is not None:
-                    kept = last_path if completed else "none (no epoch completed yet)"
-                    msg = (
-                        f"{guard.received} received during epoch {epoch + 1}; stopped without "
-                        f"saving the partial epoch. Last complete checkpoint: {kept}; {resume_hint}"
+            wait_s = compute_s = 0.0
+            samples = 0
+            fed_batches = feed(stage.train_batches(epoch, rng), ctx, sharder)
+            with Prefetcher(fed_batches, cfg.prefetch) as prefetched:
+                batches = iter(prefetched)
+                while True:
+                    t_wait = time.monotonic()
+                    fed = next(batches, None)
+                    t_step = time.monotonic()
+                    wait_s += t_step - t_wait
+                    if fed is None:
+                        break
+                    where = f"epoch {epoch + 1} step {global_step + 1}"
+                    value, stop = _optimizer_step(
+                        stage, fed, env, where, guard.received is not None
                     )
-                    log.write(msg)
-                    raise TrainingInterrupted(msg)
+                    compute_s += time.monotonic() - t_step
+                    samples += fed.samples
+                    losses.append(value)
+                    global_step += 1
+                    bar.update(task, advance=1, info=f"loss {value:.4g}")
+                    if cfg.log_every and global_step % cfg.log_every == 0:
+                        log.write(f"{where} loss {value:.6g}")
+                    if stop:
+                        kept = last_path if completed else "none (no epoch completed yet)"
+                        msg = (
+                            f"{guard.received or 'stop on another rank'} received during epoch "
+                            f"{epoch + 1}; stopped without saving the partial epoch. Last "
+                            f"complete checkpoint: {kept}; {resume_hint}"
+                        )
+                        log.write(msg)
+                        raise TrainingInterrupted(msg)
+            train_s = time.monotonic() - t0
             if not losses:
                 raise ConfigError(
                     f"stage {stage.name!r} produced no training batches in epoch {epoch + 1}.",
                     fix="check the training split and batch size.",
                 )
+            broadcast_state(stage.models, ctx, buffers_only=True)
             metrics: dict[str, float] = {}
+            t_val = time.monotonic()
             if (epoch + 1) % cfg.val_every == 0 or epoch + 1 == cfg.epochs:
                 for model in stage.models.values():
                     model.eval()
-                with torch.no_grad():
-                    metrics = {k: float(v) for k, v in stage.validate(device).items()}
+
+                def validate() -> dict[str, float]:
+                    with torch.no_grad():
+                        return {k: float(v) for k, v in stage.validate(device).items()}
+
+                metrics = on_main(validate, ctx)  # rank 0 validates; every rank gets the result
                 if cfg.monitor not in metrics:
                     raise ConfigError(
                         f"monitored metric {cfg.monitor!r} is not among the validation metrics "
                         f"{sorted(metrics)}.",
                         fix="set monitor to one of them.",
                     )
+            validate_s = time.monotonic() - t_val
             for sched in schedulers.values():
                 if isinstance(sched, torch.optim.lr_scheduler.ReduceLROnPlateau):
                     if cfg.monitor in metrics:
@@ -475,17 +634,30 @@ def fit(
                 **metrics,
             }
             history.append(row)
+            timing.append(
+                {
+                    "epoch": epoch + 1,
+                    "data_wait_s": wait_s,
+                    "compute_s": compute_s,
+                    "validate_s": validate_s,
+                    "epoch_s": time.monotonic() - t0,
+                    "samples": samples,
+                    "samples_per_s": samples / train_s if train_s > 0 else 0.0,
+                    "world_size": ctx.world_size,
+                }
+            )
             improved = cfg.monitor in metrics and _better(
                 metrics[cfg.monitor], best, cfg.monitor_mode
             )
             if improved:
                 best, best_epoch = metrics[cfg.monitor], epoch + 1
             summary = ", ".join(f"{k}={v:.6g}" for k, v in row.items() if isinstance(v, float))
-            log.write(
+            t = timing[-1]
+            line = (
                 f"epoch {epoch + 1}/{cfg.epochs} done in {time.monotonic() - t0:.1f}s: {summary}"
-                + (" (best)" if improved else "")
+                f"{' (best)' if improved else ''}; data wait {t['data_wait_s']:.2f}s, "
+                f"compute {t['compute_s']:.2f}s, {t['samples_per_s']:.3g} samples/s"
             )
-            _write_metrics_csv(out / "metrics.csv", history)
             state_out = {
                 "epoch": epoch + 1,
                 "global_step": global_step,
@@ -493,19 +665,16 @@ def fit(
                 "best_epoch": best_epoch,
                 "monitor": cfg.monitor,
                 "history": history,
-                "log_bytes": log.size(),
+                "timing": timing,
             }
-            if improved:  # best before last: a crash in between redoes this epoch on resume
-                save_checkpoint(best_path, stage.models, state=state_out, meta=meta)
-            save_checkpoint(
-                last_path, stage.models, optimizers, schedulers, scalers, state_out, meta
-            )
+            saver = _EpochWriter(out, log, stage.models, optimizers, schedulers, scalers, meta)
+            on_main(lambda: saver.write(line, state_out, improved), ctx)  # noqa: B023
             completed = epoch + 1
             bar.remove_task(task)
-            if guard.received is not None:
+            if agree(guard.received is not None, ctx):
                 msg = (
-                    f"{guard.received} received; stopped after epoch {epoch + 1} "
-                    f"(checkpoint {last_path}); {resume_hint}"
+                    f"{guard.received or 'stop on another rank'} received; stopped after epoch "
+                    f"{epoch + 1} (checkpoint {last_path}); {resume_hint}"
                 )
                 log.write(msg)
                 raise TrainingInterrupted(msg)
@@ -525,4 +694,5 @@ def fit(
         best_checkpoint=best_path if best_path.is_dir() else None,
         history=history,
         finished=done >= cfg.epochs,
+        timing=timing,
     )
