@@ -184,22 +184,29 @@ def train(
     """Train the coarse and fine stages; checkpoints, train.log and metrics.csv go to --out.
 
     Example: [bold]landmark3d train --config phantom_demo --dataset data/phantom --fold 0 --out runs/f0[/]
+
+    Several processes / GPUs: [bold]torchrun --nproc_per_node=4 -m landmark3d train ...[/]
+    (same arguments; the config's batch sizes are the global batch; rank 0 writes).
     """
     from landmark3d.data.dataset import load_dataset
+    from landmark3d.engine.distributed import distributed_session
     from landmark3d.engine.run import STAGES, train_run
 
     ds = load_dataset(dataset)
     cfg = _load_config(config, overrides)
-    result = train_run(
-        ds,
-        cfg,
-        out,
-        fold=None if fold is not None and fold < 0 else fold,
-        stages=tuple(stage or STAGES),
-        resume=resume,
-        overwrite=overwrite,
-        cache_dir=cache,
-    )
+    with distributed_session(cfg.device) as ctx:  # torchrun: one process group for the run
+        result = train_run(
+            ds,
+            cfg,
+            out,
+            fold=None if fold is not None and fold < 0 else fold,
+            stages=tuple(stage or STAGES),
+            resume=resume,
+            overwrite=overwrite,
+            cache_dir=cache,
+        )
+    if not ctx.is_main:
+        return
     for name, r in result.results.items():
         best = "—" if r.best_metric is None else f"{r.best_metric:.2f} mm (epoch {r.best_epoch})"
         console.print(f"{name}: {r.epochs_completed} epochs, best validation MRE {best}")
@@ -253,8 +260,43 @@ def predict(
     ] = "auto",
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     overwrite: Annotated[
-        bool, typer.Option("--overwrite", help="Replace existing prediction files.")
+        bool, typer.Option("--overwrite", help="Predict every case again, replacing its file.")
     ] = False,
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Skip cases whose prediction file exists and reads back (files are written "
+            "atomically, so an existing one is complete); predict the rest.",
+        ),
+    ] = False,
+    shard: Annotated[
+        str | None,
+        typer.Option(
+            "--shard",
+            metavar="K/N",
+            help="Predict only shard K of N (K is 1-based: 1..N) of the cases sorted by id, "
+            "e.g. --shard ${SLURM_ARRAY_TASK_ID}/8 with --array=1-8; the report is "
+            "timings.shard-K-of-N.json.",
+        ),
+    ] = None,
+    patch_batch: Annotated[
+        int,
+        typer.Option(
+            "--patch-batch",
+            min=1,
+            help="Fine patches per forward pass (bounds memory for many landmarks).",
+        ),
+    ] = 8,
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            "--threads",
+            min=1,
+            help="CPU threads (default: the config's num_threads, else $OMP_NUM_THREADS, "
+            "else all cores of the process).",
+        ),
+    ] = None,
     tta: Annotated[
         bool | None,
         typer.Option(
@@ -283,31 +325,56 @@ def predict(
 ) -> None:
     """Predict landmarks in world coordinates; writes one file per image and timings.json.
 
-    With a calibrated run (RUN/calibration.json) every landmark carries confidence,
-    expected_error_mm and p_error_gt_4mm next to its coordinate.
+    Images are processed as a stream with one progress bar. timings.json
+    (timings.shard-K-of-N.json with --shard) lists every case with its status (done,
+    skipped-existing, failed + error) and seconds per step. A failing case is recorded and
+    the others go on; the exit code is 1 if any failed. With a calibrated run
+    (RUN/calibration.json) every landmark carries confidence, expected_error_mm and
+    p_error_gt_4mm next to its coordinate.
 
     Example: [bold]landmark3d predict --model runs/f0 --input scan.nii.gz --out pred/ --format fcsv[/]
     """
-    from landmark3d.inference.batch import predict_inputs
+    from rich.markup import escape
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    from landmark3d.inference.batch import CaseRecord, predict_cohort
 
     flagged: list[tuple[str, str, float]] = []
-    written = predict_inputs(
-        model,
-        out,
-        input_path=input,
-        dataset_path=dataset,
-        fold=fold,
-        fmt=fmt,
-        coords=coords,
-        stage=stage,
-        device=device,
-        overwrite=overwrite,
-        progress=lambda name: err_console.print(f"predicted {name}", highlight=False),
-        tta=tta,
-        absence=absence,
-        flag_above=flag_above,
-        flagged=flagged,
-    )
+    columns = (
+        TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+        TimeElapsedColumn(), TimeRemainingColumn(),
+    )  # fmt: skip
+    bar = Progress(*columns, console=err_console)
+    task = bar.add_task("predicting", total=None)
+
+    def show(i: int, total: int, rec: CaseRecord | None) -> None:
+        if rec is None:  # inputs and outputs checked: the cohort starts
+            bar.start()
+        bar.update(task, completed=i, total=total)
+        if rec is not None and rec.status == "failed":
+            bar.console.print(
+                f"[red]failed[/] {escape(rec.case_id)}: {escape(rec.error or '')}",
+                highlight=False,
+            )
+        elif rec is not None:
+            bar.update(task, description=f"predicting ({rec.case_id} {rec.status})")
+
+    try:
+        result = predict_cohort(
+            model, out, input_path=input, dataset_path=dataset, fold=fold, fmt=fmt,
+            coords=coords, stage=stage, device=device, overwrite=overwrite, resume=resume,
+            shard=shard, patch_batch=patch_batch, threads=threads, tta=tta, absence=absence,
+            flag_above=flag_above, flagged=flagged, progress=show,
+        )  # fmt: skip
+    finally:
+        bar.stop()
     if flag_above is not None:
         console.print(
             f"{len(flagged)} landmark(s) flagged (expected error > {flag_above:g} mm)",
@@ -315,7 +382,23 @@ def predict(
         )
         for cid, name, err in flagged:
             console.print(f"flagged {cid} {name}: expected error {err:.1f} mm", highlight=False)
-    console.print(f"wrote {len(written)} prediction file(s) and timings.json to {out}")
+    part = "" if result.shard is None else f" (shard {result.shard[0]}/{result.shard[1]})"
+    counts = ", ".join(
+        f"{len(result.with_status(s))} {s}" for s in ("done", "skipped-existing", "failed")
+    )
+    console.print(
+        f"{len(result.records)} case(s){part}: {counts}; predictions in {out}, "
+        f"report {result.report}",
+        highlight=False,
+    )
+    if result.failed:
+        err_console.print(
+            f"[red]{len(result.failed)} case(s) failed[/]: "
+            + escape(", ".join(r.case_id for r in result.failed))
+            + f" (see {escape(str(result.report))}; fix them and rerun with --resume)",
+            highlight=False,
+        )
+        raise typer.Exit(1)
 
 
 # ----------------------------------------------------------------------------- calibrate

@@ -1,26 +1,62 @@
-"""Predict many images and write one landmark file per image plus ``timings.json``.
+"""Predict a cohort of images: one landmark file per image plus a per-case report.
 
 Inputs: an image file, a DICOM series directory, a directory of image files (and DICOM series
 sub-directories), or the cases of a dataset (optionally one fold's held-out cases). Output
 files are named ``<case id>.<format>`` — the case id is the image file name without its image
 suffix (or the dataset's case id) — so ``landmark3d evaluate`` can match them to the truth.
+
+Cohort scale:
+
+* **Streaming.** Images are read and predicted one at a time; only the model and one case
+  are in memory (the fine patches of a case in chunks of ``patch_batch``).
+* **Existing outputs.** By default an existing output is an error before any work is done
+  (nothing is silently replaced). ``overwrite=True`` predicts every case again;
+  ``resume=True`` skips cases whose output exists and parses (outputs are written
+  atomically, so an existing file is a complete one; a file that does not parse is predicted
+  again). Both at once is an error. A crash or kill loses at most the case in flight.
+* **Sharding.** ``shard=(K, N)`` with **1-based** ``K`` (``1 <= K <= N``, as a SLURM array
+  ``--array=1-N`` numbers its tasks) keeps the cases at positions ``K-1, K-1+N, K-1+2N, ...``
+  of the case list sorted by case id: N runs share a cohort without overlap and together
+  cover it (shard sizes differ by at most one). All shards must see the same inputs.
+* **Failures.** A case that fails (e.g. an unreadable image) is recorded and the others go
+  on; :func:`predict_cohort` returns every case's status, :func:`predict_inputs` raises the
+  first failure's error once all cases are done.
+* **Report.** ``timings.json`` (``timings.shard-K-of-N.json`` for a shard, so that shards never
+  clobber each other) lists every case with its ``status`` ("done", "skipped-existing",
+  "failed" with ``error``, or "pending" while the run is still going), image, output and
+  seconds per step (``load``, ``preprocess``, ``coarse``, ``fine``, ``confidence``, ``write``,
+  ``total``), the ``counts`` per status, ``median`` seconds of the cases predicted by this
+  invocation and ``complete`` (false while running or after a crash). It is rewritten
+  atomically every ``flush_seconds`` and at the end; on resume, skipped cases keep the timings
+  recorded by the earlier run.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import statistics
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from landmark3d.errors import CheckpointError, ImageError
+import torch
+
+from landmark3d.engine.device import set_num_threads
+from landmark3d.errors import CheckpointError, ConfigError, ImageError, OutputExistsError
 from landmark3d.inference.confidence import flag_above as flag_landmarks
 from landmark3d.inference.predictor import Predictor
-from landmark3d.io.atomic import atomic_write_text, check_writable
+from landmark3d.inference.steps import DEFAULT_PATCH_BATCH
+from landmark3d.io.atomic import atomic_write_text
 from landmark3d.io.images import IMAGE_SUFFIXES, image_suffix, is_image_path
-from landmark3d.io.landmarks import LANDMARK_FORMATS, write_landmarks
+from landmark3d.io.landmarks import LANDMARK_FORMATS, read_landmarks, write_landmarks
+
+STATUSES = ("done", "skipped-existing", "failed", "pending")
+"""Case statuses in the report."""
+REPORT_NAME = "timings.json"
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -73,7 +109,167 @@ def training_landmark_format(run: Path) -> str:
     return "json"
 
 
-def predict_inputs(
+# ------------------------------------------------------------------------------ sharding
+_SHARD = re.compile(r"\s*(-?\d+)\s*/\s*(-?\d+)\s*")
+
+
+def parse_shard(text: str | tuple[int, int]) -> tuple[int, int]:
+    """``"K/N"`` (1-based K, ``1 <= K <= N``) -> ``(K, N)``; a tuple is validated as is.
+
+    Raises:
+        ConfigError: not of the form K/N, or K outside 1..N.
+    """
+    if isinstance(text, tuple):
+        k, n = text
+    else:
+        m = _SHARD.fullmatch(text)
+        if m is None:
+            raise ConfigError(
+                f"--shard must look like K/N (e.g. 2/8), got {text!r}.",
+                fix="give the 1-based shard number and the shard count, e.g. --shard 1/4.",
+            )
+        k, n = int(m.group(1)), int(m.group(2))
+    if n < 1 or not 1 <= k <= n:
+        raise ConfigError(
+            f"--shard {k}/{n} is out of range: shards are numbered 1..N (1-based) and N >= 1.",
+            fix="use --shard K/N with 1 <= K <= N, e.g. --shard ${SLURM_ARRAY_TASK_ID}/N with "
+            "a SLURM array --array=1-N.",
+        )
+    return k, n
+
+
+def shard_items(
+    items: Sequence[tuple[str, Path]], shard: tuple[int, int] | None
+) -> list[tuple[str, Path]]:
+    """The items of shard ``(K, N)`` (1-based K): positions ``K-1 (mod N)`` of the items
+    sorted by case id, in their original order. ``None``: all items."""
+    if shard is None:
+        return list(items)
+    k, n = parse_shard(shard)
+    order = sorted(range(len(items)), key=lambda i: items[i][0])
+    keep = {i for pos, i in enumerate(order) if pos % n == k - 1}
+    return [item for i, item in enumerate(items) if i in keep]
+
+
+def report_path(out: Path, shard: tuple[int, int] | None) -> Path:
+    """``out/timings.json``, or ``out/timings.shard-K-of-N.json`` for a shard."""
+    if shard is None:
+        return out / REPORT_NAME
+    return out / f"timings.shard-{shard[0]}-of-{shard[1]}.json"
+
+
+def default_threads(configured: int | None) -> int:
+    """CPU threads for inference: ``configured`` (the config's ``num_threads``), else
+    ``$OMP_NUM_THREADS``, else every core this process may use (a SLURM allocation's)."""
+    if configured is not None:
+        return int(configured)
+    env = os.environ.get("OMP_NUM_THREADS", "")
+    if env.isdigit() and int(env) >= 1:
+        return int(env)
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+# ------------------------------------------------------------------------------ records
+@dataclass
+class CaseRecord:
+    """One case of a cohort run.
+
+    Attributes:
+        case_id: output file stem.
+        image: the input image (file or DICOM directory).
+        output: the landmark file.
+        status: one of :data:`STATUSES`.
+        error: the failure message ("Type: message") of a failed case.
+        note: e.g. that an unreadable earlier output was replaced.
+        timings: seconds per step (empty for a case not predicted).
+        exception: the exception of a failed case (not serialised).
+    """
+
+    case_id: str
+    image: Path
+    output: Path
+    status: str = "pending"
+    error: str | None = None
+    note: str | None = None
+    timings: dict[str, float] = field(default_factory=dict)
+    exception: BaseException | None = field(default=None, repr=False, compare=False)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The report entry: status, image, output (file name), error/note, seconds."""
+        d: dict[str, Any] = {"status": self.status, "image": str(self.image)}
+        d["output"] = self.output.name
+        if self.error is not None:
+            d["error"] = self.error
+        if self.note is not None:
+            d["note"] = self.note
+        d.update({k: round(v, 6) for k, v in self.timings.items()})
+        return d
+
+
+@dataclass
+class CohortResult:
+    """All cases of one (shard's) cohort run, and where the report went."""
+
+    records: list[CaseRecord]
+    report: Path
+    shard: tuple[int, int] | None
+    cohort_size: int
+
+    def with_status(self, status: str) -> list[CaseRecord]:
+        """The records of one status."""
+        return [r for r in self.records if r.status == status]
+
+    @property
+    def failed(self) -> list[CaseRecord]:
+        return self.with_status("failed")
+
+
+def _report(
+    records: Sequence[CaseRecord], shard: tuple[int, int] | None, cohort: int, complete: bool
+) -> dict[str, Any]:
+    done = [r.timings for r in records if r.status == "done"]
+    keys = sorted({k for t in done for k in t})
+    median = {k: statistics.median(t[k] for t in done if k in t) for k in keys}
+    counts = {s: sum(r.status == s for r in records) for s in STATUSES}
+    return {
+        "unit": "seconds",
+        "complete": complete,
+        "shard": None if shard is None else {"index": shard[0], "count": shard[1]},
+        "cohort_size": cohort,
+        "counts": counts,
+        "median": median,
+        "cases": {r.case_id: r.to_dict() for r in records},
+    }
+
+
+def _earlier_timings(path: Path) -> dict[str, dict[str, float]]:
+    """Per-case seconds of an earlier report at ``path`` ({} if absent or unreadable)."""
+    try:
+        cases = json.loads(path.read_text(encoding="utf-8")).get("cases", {})
+        return {
+            str(cid): {k: float(v) for k, v in entry.items() if isinstance(v, int | float)}
+            for cid, entry in cases.items()
+            if isinstance(entry, dict)
+        }
+    except (OSError, ValueError, AttributeError):
+        return {}
+
+
+def _finished_output(path: Path, coords: str, names: Sequence[str]) -> str | None:
+    """None if ``path`` is a complete earlier prediction, else why it is not."""
+    try:
+        ls = read_landmarks(path, coords=coords)
+    except Exception as exc:  # any reason it cannot be used means: predict again
+        return f"{type(exc).__name__}: {exc}"
+    unknown = sorted(set(ls.names) - set(names))
+    return f"landmarks {unknown} are not the model's" if unknown else None
+
+
+# ------------------------------------------------------------------------------ prediction
+def predict_cohort(
     run: Path,
     out: Path,
     input_path: Path | None = None,
@@ -84,31 +280,64 @@ def predict_inputs(
     stage: str = "auto",
     device: str = "auto",
     overwrite: bool = False,
-    progress: Callable[[str], None] | None = None,
+    resume: bool = False,
+    shard: tuple[int, int] | str | None = None,
+    patch_batch: int = DEFAULT_PATCH_BATCH,
+    threads: int | None = None,
     tta: bool | None = None,
     absence: bool | None = None,
     flag_above: float | None = None,
     flagged: list[tuple[str, str, float]] | None = None,
-) -> list[Path]:
-    """Predict every input image and write ``<case id>.<fmt>`` files and ``timings.json``.
+    progress: Callable[[int, int, CaseRecord | None], None] | None = None,
+    flush_seconds: float = 10.0,
+) -> CohortResult:
+    """Predict every input image (of one shard), writing ``<case id>.<fmt>`` and the report.
 
-    ``tta`` and ``absence`` are passed to :class:`Predictor` (None: as the run's calibration
-    says). With ``flag_above`` (mm), every landmark gets ``flagged`` = 1 where its calibrated
-    ``expected_error_mm`` exceeds it (else 0), and ``(case id, landmark, expected error)`` of
-    each flagged one is appended to ``flagged`` (if given).
+    See the module docstring for ``overwrite``/``resume``, ``shard`` and the report. ``tta``
+    and ``absence`` go to :class:`Predictor` (None: as the run's calibration says);
+    ``patch_batch`` bounds the fine patches in memory at once; ``threads`` sets torch's CPU
+    threads for the run (None: :func:`default_threads` of the config's ``num_threads``;
+    restored afterwards). With ``flag_above`` (mm), every landmark gets ``flagged`` = 1 where its
+    calibrated ``expected_error_mm`` exceeds it (else 0), and ``(case id, landmark, expected
+    error)`` of each flagged one (of the cases predicted now) is appended to ``flagged``.
+    ``progress(i, total, record)`` is called with ``(0, total, None)`` before the first case
+    and after each case.
 
     Raises:
         CheckpointError: the run does not fit the dataset (landmark names, modality), or
             ``flag_above`` without a calibration.
-        ImageError / OutputExistsError / LandmarkFileError: bad inputs or outputs.
+        ConfigError: ``resume`` with ``overwrite``, a bad ``shard``/``patch_batch``/``threads``.
+        ImageError / OutputExistsError: bad inputs, or existing outputs without ``resume`` or
+            ``overwrite``. Errors of single cases are recorded instead (status "failed").
     """
     if (input_path is None) == (dataset_path is None):
         raise ImageError("give exactly one of --input and --dataset.", fix="choose one.")
+    if resume and overwrite:
+        raise ConfigError(
+            "--resume (skip finished cases) and --overwrite (predict every case again) "
+            "contradict each other.",
+            fix="give one of them.",
+        )
     if stage not in ("auto", "coarse", "fine", "correlated"):
         raise CheckpointError(
             f"unknown stage {stage!r}.", fix="use --stage auto, coarse, fine or correlated."
         )
-    predictor = Predictor(run, device=device, stage=stage, tta=tta, absence=absence)  # type: ignore[arg-type]
+    part = None if shard is None else parse_shard(shard)
+    if threads is not None and (isinstance(threads, bool) or threads < 1):
+        raise ConfigError(f"--threads must be >= 1, got {threads!r}.", fix="use e.g. --threads 4.")
+    if isinstance(patch_batch, bool) or patch_batch < 1:
+        raise ConfigError(
+            f"--patch-batch must be >= 1, got {patch_batch!r}.",
+            fix=f"use e.g. --patch-batch {DEFAULT_PATCH_BATCH}.",
+        )
+    predictor = Predictor(
+        run,
+        device=device,
+        stage=stage,  # type: ignore[arg-type]
+        tta=tta,
+        absence=absence,
+        patch_batch=patch_batch,
+    )
     if flag_above is not None and predictor.calibration is None:
         raise CheckpointError(
             f"--flag-above needs a confidence calibration for the {predictor.stage!r} stage, "
@@ -132,8 +361,10 @@ def predict_inputs(
     else:
         assert input_path is not None
         items = enumerate_images(input_path)
-    ids = [cid for cid, _ in items]
-    clashes = sorted({cid for cid in ids if ids.count(cid) > 1})
+    seen: dict[str, int] = {}
+    for cid, _ in items:
+        seen[cid] = seen.get(cid, 0) + 1
+    clashes = sorted(cid for cid, n in seen.items() if n > 1)
     if clashes:  # two images, one output file: refuse before anything is written
         raise ImageError(
             f"several input images have the case id(s) {', '.join(clashes)} (the file name "
@@ -141,38 +372,131 @@ def predict_inputs(
             path=input_path or dataset_path,
             fix="rename the images so that their names differ without the suffix.",
         )
+    cohort = len(items)
+    mine = shard_items(items, part)
+    records = [CaseRecord(cid, path, out / f"{cid}.{fmt}") for cid, path in mine]
+    report = report_path(out, part)
+    if not (overwrite or resume):  # refuse before any work, so nothing is written half-way
+        existing = [r.output for r in records if r.output.exists()] + (
+            [report] if report.exists() else []
+        )
+        if existing:
+            raise OutputExistsError(
+                f"{len(existing)} output file(s) exist already (e.g. {existing[0].name}).",
+                path=existing[0],
+                fix="pass --resume to skip the finished cases, --overwrite to predict them "
+                "again, or choose another --out.",
+            )
     out.mkdir(parents=True, exist_ok=True)
-    targets = [out / f"{cid}.{fmt}" for cid, _ in items]
-    for t in targets:  # refuse before any work is done, so nothing is written half-way
-        check_writable(t, overwrite)
-    check_writable(out / "timings.json", overwrite)
-    timings: dict[str, dict[str, float]] = {}
-    written = []
-    for (cid, path), target in zip(items, targets, strict=True):
-        t0 = time.perf_counter()
-        pred = predictor.predict_file(path)
-        if flag_above is not None:
-            hits = flag_landmarks(pred.landmarks, flag_above)
-            if flagged is not None:
-                flagged.extend((cid, name, err) for name, err in hits)
-        t1 = time.perf_counter()
-        write_landmarks(pred.landmarks, target, fmt=fmt, coords=coords, overwrite=overwrite)
-        timings[cid] = {
-            **pred.timings,
-            "write": time.perf_counter() - t1,
-            "total": time.perf_counter() - t0,
-        }
-        written.append(target)
+    earlier = _earlier_timings(report) if resume else {}
+
+    def flush(complete: bool) -> None:
+        text = json.dumps(_report(records, part, cohort, complete), indent=2) + "\n"
+        atomic_write_text(report, text)
+
+    previous_threads = torch.get_num_threads()
+    set_num_threads(
+        threads if threads is not None else default_threads(predictor.config.num_threads)
+    )
+    last_flush = time.monotonic()
+    complete = False
+    try:
         if progress is not None:
-            progress(cid)
-    atomic_write_text(out / "timings.json", json.dumps(_timing_summary(timings), indent=2) + "\n")
-    return written
+            progress(0, len(records), None)
+        for i, rec in enumerate(records, start=1):
+            _run_case(rec, predictor, fmt, coords, resume, flag_above, flagged, earlier)
+            if progress is not None:
+                progress(i, len(records), rec)
+            if time.monotonic() - last_flush >= flush_seconds:
+                flush(False)
+                last_flush = time.monotonic()
+        complete = True
+    finally:
+        torch.set_num_threads(previous_threads)
+        flush(complete)
+    return CohortResult(records, report, part, cohort)
 
 
-def _timing_summary(per_case: dict[str, dict[str, float]]) -> dict[str, Any]:
-    keys = sorted({k for t in per_case.values() for k in t})
-    median = {k: statistics.median(t[k] for t in per_case.values() if k in t) for k in keys}
-    return {"unit": "seconds", "median": median, "cases": per_case}
+def _run_case(
+    rec: CaseRecord,
+    predictor: Predictor,
+    fmt: str,
+    coords: str,
+    resume: bool,
+    flag_above: float | None,
+    flagged: list[tuple[str, str, float]] | None,
+    earlier: dict[str, dict[str, float]],
+) -> None:
+    """Predict one case into ``rec`` (status, timings, error); never raises an Exception."""
+    if resume and rec.output.exists():
+        why = _finished_output(rec.output, coords, predictor.landmark_names)
+        if why is None:
+            rec.status, rec.timings = "skipped-existing", earlier.get(rec.case_id, {})
+            return
+        rec.note = f"replaced an unusable earlier output ({why})"
+    t0 = time.perf_counter()
+    try:
+        pred = predictor.predict_file(rec.image)
+        hits = flag_landmarks(pred.landmarks, flag_above) if flag_above is not None else []
+        t1 = time.perf_counter()
+        write_landmarks(pred.landmarks, rec.output, fmt=fmt, coords=coords, overwrite=True)
+    except Exception as exc:  # one bad case must not stop a cohort: record it, go on
+        rec.status, rec.exception = "failed", exc
+        rec.error = f"{type(exc).__name__}: {exc}"
+        rec.timings = {"total": time.perf_counter() - t0}
+        return
+    if flagged is not None:
+        flagged.extend((rec.case_id, name, err) for name, err in hits)
+    rec.status = "done"
+    rec.timings = {
+        **pred.timings,
+        "write": time.perf_counter() - t1,
+        "total": time.perf_counter() - t0,
+    }
+
+
+def predict_inputs(
+    run: Path,
+    out: Path,
+    input_path: Path | None = None,
+    dataset_path: Path | None = None,
+    fold: int | None = None,
+    fmt: str | None = None,
+    coords: str = "LPS",
+    stage: str = "auto",
+    device: str = "auto",
+    overwrite: bool = False,
+    progress: Callable[[str], None] | None = None,
+    tta: bool | None = None,
+    absence: bool | None = None,
+    flag_above: float | None = None,
+    flagged: list[tuple[str, str, float]] | None = None,
+    resume: bool = False,
+    shard: tuple[int, int] | str | None = None,
+    patch_batch: int = DEFAULT_PATCH_BATCH,
+    threads: int | None = None,
+) -> list[Path]:
+    """:func:`predict_cohort`, returning the files written now; ``progress(case id)`` after
+    each predicted case.
+
+    Raises:
+        as :func:`predict_cohort`, and the first failed case's error once every case is done
+        (the report lists them all).
+    """
+
+    def report(i: int, total: int, rec: CaseRecord | None) -> None:
+        if progress is not None and rec is not None and rec.status == "done":
+            progress(rec.case_id)
+
+    result = predict_cohort(
+        run, out, input_path=input_path, dataset_path=dataset_path, fold=fold, fmt=fmt,
+        coords=coords, stage=stage, device=device, overwrite=overwrite, resume=resume,
+        shard=shard, patch_batch=patch_batch, threads=threads, tta=tta, absence=absence,
+        flag_above=flag_above, flagged=flagged, progress=report,
+    )  # fmt: skip
+    if result.failed and result.failed[0].exception is not None:
+        raise result.failed[0].exception
+    return [r.output for r in result.with_status("done")]
 
 
 def check_compatible(

@@ -34,17 +34,23 @@ from landmark3d.data.preprocess import PreparedCase, prepare_case
 from landmark3d.engine.checkpoint import load_weights_only, read_checkpoint_meta
 from landmark3d.engine.correlated_stage import build_group_models
 from landmark3d.engine.device import select_device
-from landmark3d.errors import CheckpointError
+from landmark3d.errors import CheckpointError, ConfigError
 from landmark3d.geometry.space import Geometry
 from landmark3d.inference.confidence import (
     DEFAULT_ABSENCE_MARGIN_MM,
     HeatmapCapture,
     annotate_prediction,
+    heatmap_spread_mm,
     load_calibration,
     tta_offsets,
     tta_spread,
 )
-from landmark3d.inference.steps import coarse_predict, correlated_predict, fine_predict
+from landmark3d.inference.steps import (
+    DEFAULT_PATCH_BATCH,
+    coarse_predict,
+    correlated_predict,
+    fine_predict,
+)
 from landmark3d.io.images import read_image
 from landmark3d.io.landmark_set import LandmarkSet
 from landmark3d.networks.coarse import CoarseRegressor
@@ -104,6 +110,10 @@ class Predictor:
         calibrated: use ``RUN/calibration.json`` (if present and fitted for this stage).
         absence: report landmarks predicted beyond the image as missing; None: as the
             calibration says (on when the run was trained on cropped scans), else off.
+        patch_batch: fine patches per forward pass and in memory at once (>= 1; see
+            :func:`landmark3d.inference.steps.fine_predict`): bounds the memory whatever the
+            number of landmarks; the predictions do not depend on it. Settable later as the
+            ``patch_batch`` attribute.
     """
 
     def __init__(
@@ -115,7 +125,14 @@ class Predictor:
         tta: bool | None = None,
         calibrated: bool = True,
         absence: bool | None = None,
+        patch_batch: int = DEFAULT_PATCH_BATCH,
     ) -> None:
+        if isinstance(patch_batch, bool) or not isinstance(patch_batch, int) or patch_batch < 1:
+            raise ConfigError(
+                f"the patch batch must be a positive integer, got {patch_batch!r}.",
+                fix=f"use e.g. --patch-batch {DEFAULT_PATCH_BATCH}.",
+            )
+        self.patch_batch = patch_batch
         self.run = Path(run_dir)
         self.archive: Path | None = None
         if is_model_archive(self.run):  # a `landmark3d package` zip: checked, then unpacked
@@ -240,12 +257,15 @@ class Predictor:
         out = []
         if self.fine_names:
             rows = [self.landmark_names.index(n) for n in self.fine_names]
-            with HeatmapCapture(self.fine, capture) as cap:
-                fine, peaks = fine_predict(
-                    self.fine, self.routes, self.fine_names, prepared, centers[rows], self.plan,
-                    f.sigma_mm, f.decode, self.device,
-                )  # fmt: skip
-            spreads = cap.fine_spreads(self.fine_names, self.routes, centers[rows], spacing)
+            spreads = np.full(len(rows), np.nan)
+
+            def spread(row: int, heat: np.ndarray) -> None:
+                spreads[row] = heatmap_spread_mm(heat, spacing)
+
+            fine, peaks = fine_predict(
+                self.fine, self.routes, self.fine_names, prepared, centers[rows], self.plan,
+                f.sigma_mm, f.decode, self.device, self.patch_batch, spread if capture else None,
+            )  # fmt: skip
             out.append((self.fine_names, fine, peaks, spreads, "fine"))
         for g, group in enumerate(self.groups):
             key = f"group{g}"

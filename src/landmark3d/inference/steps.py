@@ -7,7 +7,7 @@ what prediction will do.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -44,6 +44,10 @@ def coarse_predict(
     return np.stack(out)
 
 
+DEFAULT_PATCH_BATCH = 8
+"""Fine patches per forward pass (and held in memory at once) by default."""
+
+
 @torch.no_grad()
 def fine_predict(
     models: Mapping[str, nn.Module],
@@ -55,6 +59,8 @@ def fine_predict(
     sigma_mm: float,
     decode: str,
     device: torch.device,
+    patch_batch: int = DEFAULT_PATCH_BATCH,
+    on_heatmap: Callable[[int, np.ndarray], None] | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """Fine estimates for ``names`` from patch centres (L, 3) world mm.
 
@@ -62,28 +68,64 @@ def fine_predict(
     centre, the routed model's output channel is decoded (DARK or argmax) on the patch grid and
     mapped to the world.
 
+    Memory is bounded independently of L: the landmarks are processed in chunks of
+    ``patch_batch``; within a chunk the patches routed to the same model go through it in one
+    batched forward pass (a shared U-Net: the whole chunk at once; per-landmark U-Nets: each
+    model its own patch). The instance-normalised U-Nets treat every batch item on its own, so
+    the result does not depend on ``patch_batch`` (up to float rounding).
+
+    Args:
+        patch_batch: landmarks (patches) per chunk, >= 1.
+        on_heatmap: called as ``on_heatmap(row, heatmap)`` with the decoded heatmap
+            (X, Y, Z) float32 of every landmark that was predicted (e.g. for confidence
+            scores), so callers need not keep all heatmaps.
+
     Returns:
         world (L, 3) LPS mm (NaN where the centre is NaN) and raw heatmap peaks (L,).
     """
+    if patch_batch < 1:
+        raise ValueError(f"patch_batch must be >= 1, got {patch_batch}")
+    centers = np.asarray(centers_world, dtype=np.float64).reshape(-1, 3)
     out = np.full((len(names), 3), np.nan)
     peaks = np.full(len(names), np.nan)
-    for row, name in enumerate(names):
-        center = centers_world[row]
-        if np.isnan(center).any():
-            continue
-        vol = fine_patch(prepared, center, plan)
-        key, channel = routes[name]
-        model = models[key]
-        was_training = model.training
-        model.eval()
-        try:
-            x = torch.from_numpy(vol.array[None, None]).to(device)
-            heat = model(x).float().cpu().numpy()[0, channel]
-        finally:
-            model.train(was_training)
-        world, peak = decode_world(heat[None], vol.geometry, sigma_mm, method=decode)  # type: ignore[arg-type]
-        out[row], peaks[row] = world[0], peak[0]
+    rows = [r for r in range(len(names)) if not np.isnan(centers[r]).any()]
+    for start in range(0, len(rows), patch_batch):
+        chunk = rows[start : start + patch_batch]
+        vols = {r: fine_patch(prepared, centers[r], plan) for r in chunk}
+        by_model: dict[str, list[int]] = {}
+        for r in chunk:
+            by_model.setdefault(routes[names[r]][0], []).append(r)
+        for key, members in by_model.items():
+            heat = _forward_channels(
+                models[key],
+                np.stack([vols[r].array for r in members])[:, None],
+                [routes[names[r]][1] for r in members],
+                device,
+            )
+            for b, r in enumerate(members):
+                world, peak = decode_world(heat[b][None], vols[r].geometry, sigma_mm, method=decode)  # type: ignore[arg-type]
+                out[r], peaks[r] = world[0], peak[0]
+                if on_heatmap is not None:
+                    on_heatmap(r, heat[b])
     return out, peaks
+
+
+def _forward_channels(
+    model: nn.Module, patches: np.ndarray, channels: Sequence[int], device: torch.device
+) -> np.ndarray:
+    """Run ``model`` on patches (B, 1, X, Y, Z) in eval mode; heatmap ``channels[b]`` of each
+    item, shape (B, X, Y, Z) float32."""
+    was_training = model.training
+    model.eval()
+    try:
+        x = torch.from_numpy(np.ascontiguousarray(patches)).to(device)
+        heat = model(x)
+        pick = torch.as_tensor(list(channels), dtype=torch.long, device=heat.device)
+        items = torch.arange(len(channels), device=heat.device)
+        selected: np.ndarray = heat[items, pick].float().cpu().numpy()
+    finally:
+        model.train(was_training)
+    return selected
 
 
 # ---------------------------------------------------------------------------- correlated groups
