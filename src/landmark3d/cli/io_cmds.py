@@ -1,4 +1,5 @@
-"""Data in and out: ``import pddca``, ``import layout``, ``export layout``, ``convert``, ``package``."""
+"""Data in and out: ``import pddca``, ``import layout``, ``export`` (a model as TorchScript /
+ONNX: ``export --model RUN --out DIR``) and ``export layout``, ``convert``, ``package``."""
 
 from __future__ import annotations
 
@@ -11,13 +12,13 @@ import typer
 from rich.markup import escape
 
 from landmark3d.cli.app import app, console, err_console
-from landmark3d.errors import DatasetError
+from landmark3d.errors import ConfigError, DatasetError
 
 import_app = typer.Typer(
     help="Bring a dataset in as a dataset.json spec (PDDCA, the original layout).",
     no_args_is_help=True,
 )
-export_app = typer.Typer(help="Write a dataset in another layout.", no_args_is_help=True)
+export_app = typer.Typer(no_args_is_help=True)  # help: the docstring of export_model_cmd
 app.add_typer(import_app, name="import")
 app.add_typer(export_app, name="export")
 
@@ -144,6 +145,98 @@ def import_layout_cmd(
     _say(
         f"wrote {spec}: {len(ds.cases)} case(s), {len(ds.landmark_names)} landmark(s), "
         f"{len(ds.folds)} fold(s)"
+    )
+
+
+@export_app.callback(invoke_without_command=True)
+def export_model_cmd(
+    ctx: typer.Context,
+    model: Annotated[
+        Path | None,
+        typer.Option(
+            "--model",
+            "-m",
+            help="Run directory of `landmark3d train`, or a model.zip of `landmark3d package`.",
+        ),
+    ] = None,
+    fmt: Annotated[
+        str,
+        typer.Option("--format", "-f", help="torchscript, or onnx (needs landmark3d\\[export])."),
+    ] = "torchscript",
+    out: Annotated[
+        Path | None, typer.Option("--out", "-o", help="Directory to write the export in.")
+    ] = None,
+    checkpoint: Annotated[
+        str, typer.Option("--checkpoint", help="Which checkpoint: best or last.")
+    ] = "best",
+    stage: Annotated[
+        list[str] | None,
+        typer.Option(
+            "--stage",
+            help="Export only this stage's networks: coarse, fine, correlated (repeatable; "
+            "default: every stage the run has).",
+        ),
+    ] = None,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check/--no-check",
+            help="Compare every exported network with PyTorch on random inputs (max abs "
+            "difference must stay below 1e-4).",
+        ),
+    ] = True,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace an earlier export at --out.")
+    ] = False,
+) -> None:
+    """Export a trained model as self-contained TorchScript / ONNX files, or (subcommand
+    [bold]layout[/]) a dataset in the original layout.
+
+    Every network of the run (coarse regressor, fine U-Nets, correlated group models) becomes
+    one file; manifest.json describes inputs, outputs (shape, dtype, meaning, units), landmark
+    names, the plan and the pre-/post-processing, with a sha256 per file, so the networks run
+    without landmark3d.
+
+    Example: [bold]landmark3d export --model runs/f0 --format torchscript --out exported/[/]
+    """
+    if ctx.invoked_subcommand is not None:
+        if model is not None or out is not None:
+            raise ConfigError(
+                f"--model/--out go with `landmark3d export --model ...`, not with `export "
+                f"{ctx.invoked_subcommand}`.",
+                fix=f"write `landmark3d export {ctx.invoked_subcommand} ...` with the "
+                "subcommand's own options.",
+            )
+        return
+    if model is None or out is None:
+        missing = " and ".join(n for n, v in (("--model", model), ("--out", out)) if v is None)
+        raise ConfigError(
+            f"export needs {missing}.",
+            fix="write e.g. `landmark3d export --model runs/f0 --format torchscript --out "
+            "exported/` (or `landmark3d export layout ...` for a dataset).",
+        )
+    from landmark3d.inference.export import export_run
+
+    stages = [s.strip() for item in stage or [] for s in item.split(",") if s.strip()]
+    result = export_run(
+        model,
+        out,
+        fmt=fmt.lower(),
+        checkpoint=checkpoint,
+        stages=stages or None,
+        overwrite=overwrite,
+        check=check,
+    )
+    for entry in result.manifest["networks"]:
+        diff = entry["parity_max_abs_diff"]
+        parity = "not checked" if diff is None else f"max |diff| vs PyTorch {diff:.2g}"
+        _say(
+            f"  {entry['file']}: {', '.join(entry['landmarks'])} "
+            f"({entry['bytes'] / 1e6:.2f} MB, {parity})"
+        )
+    _say(
+        f"wrote {result.out}: {len(result.manifest['networks'])} {fmt.lower()} network(s), "
+        "manifest.json, README.md, SHA256SUMS"
     )
 
 
