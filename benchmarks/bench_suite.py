@@ -23,22 +23,12 @@ Usage: ``python benchmarks/bench_suite.py [phantom|dataset] [--dataset PATH] [--
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import datetime as dt
-import json
-import platform
-import shutil
 import sys
 from pathlib import Path
 
-import torch
-
-from landmark3d.baselines.atlas import AtlasConfig
-from landmark3d.baselines.onestage import OneStageConfig
-from landmark3d.baselines.suite import METHODS, SuiteSettings, run_suite
-from landmark3d.baselines.suite_report import markdown
+from landmark3d.baselines.suite import METHODS
+from landmark3d.baselines.suite_command import BenchRequest, run_bench
 from landmark3d.config import apply_overrides, load_config
-from landmark3d.data.phantom import generate_phantom
 
 ROOT = Path(__file__).resolve().parent
 
@@ -77,59 +67,31 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> int:
     args = _parse(argv)
     cfg = apply_overrides(load_config(args.config), args.overrides)
-    torch.set_num_threads(cfg.num_threads or 2)
-    work: Path = args.work or ROOT / ".work" / f"suite-{args.suite}"
-    if work.exists() and not args.keep:
-        shutil.rmtree(work)
-    work.mkdir(parents=True, exist_ok=True)
-    reuse = args.reuse
-    if args.suite == "dataset":
-        if args.dataset is None:
-            raise SystemExit("the dataset suite needs --dataset PATH")
-        spec = args.dataset
-        reuse = None
-    elif reuse is not None and (reuse / "phantom" / "dataset.json").is_file():
-        spec = reuse / "phantom" / "dataset.json"
-    else:
-        reuse = None
-        spec = work / "phantom" / "dataset.json"
-        if not spec.is_file():
-            generate_phantom(work / "phantom", n_cases=args.cases, seed=0, size=args.size)
-    onestage = OneStageConfig(epochs=args.onestage_epochs or cfg.coarse.epochs)
-    if args.onestage_grid:
-        onestage = dataclasses.replace(onestage, grid=tuple(args.onestage_grid))
-    if args.onestage_channels:
-        onestage = dataclasses.replace(onestage, channels=tuple(args.onestage_channels))
-    settings = SuiteSettings(
-        spec=spec,
+    req = BenchRequest(
+        suite=args.suite,
         config=cfg,
+        work=args.work or ROOT / ".work" / f"suite-{args.suite}",
+        out=args.out,
+        dataset=args.dataset,
         fold=args.fold,
-        work=work,
-        onestage=onestage,
-        atlas=AtlasConfig(k=args.atlas_k, threads=cfg.num_threads),
-        methods=tuple(m.strip() for m in args.methods.split(",") if m.strip()),
+        cases=args.cases,
+        size=args.size,
+        methods=[m.strip() for m in args.methods.split(",") if m.strip()],
         repeat=args.repeat,
         atlas_repeat=args.atlas_repeat,
+        atlas_k=args.atlas_k,
+        onestage_epochs=args.onestage_epochs,
+        onestage_grid=(*args.onestage_grid,) if args.onestage_grid else None,
+        onestage_channels=tuple(args.onestage_channels) if args.onestage_channels else None,
+        reuse=args.reuse,
         isolate=not args.no_isolate,
-        reuse=reuse,
+        keep=args.keep,
+        overwrite=True,  # a benchmark re-run of the same day replaces its own result
+        command="python benchmarks/bench_suite.py "
+        + " ".join(sys.argv[1:] if argv is None else argv),
     )
-    result = run_suite(settings, log=lambda m: print(m, flush=True))
-    meta = result["meta"]
-    meta["date"] = dt.date.today().isoformat()
-    meta["suite"] = args.suite
-    if args.suite == "phantom":
-        meta["phantom"] = {"cases": args.cases, "size": args.size, "seed": 0}
-    meta["machine"] = (
-        f"{platform.machine()}, {platform.processor() or 'cpu'}, "
-        f"{cfg.num_threads or torch.get_num_threads()} threads, torch {torch.__version__}"
-    )
-    meta["command"] = "python benchmarks/bench_suite.py " + " ".join(sys.argv[1:])
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / f"{meta['date']}-{args.suite}"
-    stem.with_suffix(".json").write_text(json.dumps(result, indent=2) + "\n")
-    md = markdown(result)
-    stem.with_suffix(".md").write_text(md)
-    print(md)
+    _, _, md_path = run_bench(req, log=lambda m: print(m, flush=True))
+    print(md_path.read_text(encoding="utf-8"))
     return 0
 
 

@@ -307,3 +307,18 @@ def test_run_job_in_a_child_reports_its_peak_memory() -> None:
 
 def _child_job(x: int) -> dict:
     return {"value": x * x}
+
+
+def test_reuse_ignores_only_the_correlated_section(tmp_path: Path) -> None:
+    from landmark3d.baselines.suite import _same_config
+    from landmark3d.config import apply_overrides, load_config
+
+    cfg = load_config("phantom_demo")
+    cfg.save_json(tmp_path / "config.json")
+    other_corr = apply_overrides(cfg, ["correlated.epochs=7"])
+    other_fine = apply_overrides(cfg, ["fine.epochs=7"])
+    assert _same_config(tmp_path, cfg)
+    assert not _same_config(tmp_path, other_corr)
+    assert _same_config(tmp_path, other_corr, ignore=("correlated",))
+    assert not _same_config(tmp_path, other_fine, ignore=("correlated",))
+    assert not _same_config(tmp_path / "missing", cfg, ignore=("correlated",))

@@ -248,9 +248,13 @@ class SuiteSettings:
     reuse: Path | None = None
 
 
-def _same_config(run: Path, config: ExperimentConfig) -> bool:
+def _same_config(run: Path, config: ExperimentConfig, ignore: Sequence[str] = ()) -> bool:
+    """Whether ``run`` was trained with ``config``, sections named in ``ignore`` aside."""
     path = run / "config.json"
-    return path.is_file() and ExperimentConfig.from_json(path).to_dict() == config.to_dict()
+    if not path.is_file():
+        return False
+    saved, want = ExperimentConfig.from_json(path).to_dict(), config.to_dict()
+    return all(saved.get(k) == want.get(k) for k in set(saved) | set(want) if k not in ignore)
 
 
 def _same_split(run: Path, split: dict[str, Any]) -> bool:
@@ -281,10 +285,13 @@ def _reusable(settings: SuiteSettings, split: dict[str, Any]) -> dict[str, Path]
     cfg_shared = dataclasses.replace(
         settings.config, fine=dataclasses.replace(settings.config.fine, sharing="shared")
     )
-    main_ok = _same_config(main, settings.config) and _same_split(main, split)
+    # The correlated section does not shape the coarse and fine stages that are reused (the
+    # correlated stage is always trained here), so a change there keeps them reusable.
+    ignore = ("correlated",)
+    main_ok = _same_config(main, settings.config, ignore) and _same_split(main, split)
     if main_ok and _has_best(main, "coarse") and _has_best(main, "fine"):
         out["main"] = main
-    shared_ok = _same_config(shared, cfg_shared) and _same_split(shared, split)
+    shared_ok = _same_config(shared, cfg_shared, ignore) and _same_split(shared, split)
     if "main" in out and shared_ok and _has_best(shared, "fine"):
         out["shared"] = shared
     return out
@@ -347,6 +354,7 @@ def run_suite(settings: SuiteSettings, log: Callable[[str], None] = print) -> di
         if "main" in reused:
             log(f"reusing coarse + fine from {reused['main']}")
             _copy_run(reused["main"], main, ("coarse", "fine"))
+            cfg.save_json(main / "config.json")  # this suite's config (correlated may differ)
         stages = [s for s in ("coarse", "fine") if not _has_best(main, s)]
         if "full" in wanted:
             stages.append("correlated")  # resumes (or skips) when already trained
@@ -358,6 +366,7 @@ def run_suite(settings: SuiteSettings, log: Callable[[str], None] = print) -> di
         if "shared" in reused:
             log(f"reusing the shared fine model from {reused['shared']}")
             _copy_run(reused["shared"], shared, ("coarse", "fine"))
+            cfg_shared.save_json(shared / "config.json")
         else:
             _copy_run(main, shared, ("coarse",))
             (shared / "config.json").unlink(missing_ok=True)

@@ -1,4 +1,5 @@
-"""Reporting commands: cross-validation (``cv``) and the HTML report (``report``)."""
+"""Reporting commands: cross-validation (``cv``), the HTML report (``report``), the comparison
+table (``bench``)."""
 
 from __future__ import annotations
 
@@ -116,3 +117,78 @@ def report(
 
     result = build_report(run, out, overwrite=overwrite, n_worst=worst)
     console.print(f"wrote {result.html} ({len(result.figures)} figure(s) in {result.files_dir})")
+
+
+@app.command()
+def bench(
+    suite: Annotated[
+        str, typer.Argument(help="phantom (the embedded data) or dataset (yours, --dataset).")
+    ] = "phantom",
+    dataset: Annotated[
+        Path | None,
+        typer.Option("--dataset", "-d", help="Dataset spec or original layout (suite dataset)."),
+    ] = None,
+    fold: Annotated[int, typer.Option("--fold", help="Held-out test fold.")] = 0,
+    config: ConfigOption = "phantom_demo",
+    overrides: OverrideOption = None,
+    methods: Annotated[
+        str | None,
+        typer.Option("--methods", help="Comma-separated subset of the methods (default all)."),
+    ] = None,
+    cases: Annotated[int, typer.Option("--cases", help="Phantom cases.")] = 30,
+    size: Annotated[int, typer.Option("--size", help="Phantom voxels (longest axis).")] = 96,
+    repeat: Annotated[int, typer.Option("--repeat", help="Timing repeats per case.")] = 3,
+    atlas_k: Annotated[int, typer.Option("--atlas-k", help="Atlases fused (median).")] = 5,
+    onestage_epochs: Annotated[
+        int | None, typer.Option("--onestage-epochs", help="Default: the coarse stage's.")
+    ] = None,
+    work: Annotated[
+        Path, typer.Option("--work", help="Working directory (runs, predictions).")
+    ] = Path("runs/bench"),
+    out: Annotated[
+        Path, typer.Option("--out", help="Where <date>-<suite>.json/.md are written.")
+    ] = Path("bench_results"),
+    keep: Annotated[
+        bool, typer.Option("--keep", help="Resume in an existing --work instead of wiping it.")
+    ] = False,
+    overwrite: Annotated[
+        bool, typer.Option("--overwrite", help="Replace today's result files.")
+    ] = False,
+) -> None:
+    """The comparison table: every method on the same data, split, seed and CPU budget.
+
+    Rows: one-stage 3D U-Net, atlas registration, coarse only, coarse + fine (per-landmark and
+    shared U-Nets), the full prior-guided method. Columns: MRE (SD), median, SDR@2/2.5/3/4/8 mm,
+    per-landmark MRE, training time, inference time per case and over the image read time,
+    peak memory.
+
+    Example: [bold]landmark3d bench[/]  or  [bold]landmark3d bench dataset --dataset data/PDDCA[/]
+    """
+    import shlex
+    import sys
+
+    from landmark3d.baselines.suite import METHODS
+    from landmark3d.baselines.suite_command import BenchRequest, run_bench
+
+    cfg = _load_config(config, overrides)
+    chosen = [m.strip() for m in (methods or ",".join(METHODS)).split(",") if m.strip()]
+    req = BenchRequest(
+        suite=suite,
+        config=cfg,
+        work=work / suite,
+        out=out,
+        dataset=dataset,
+        fold=fold,
+        cases=cases,
+        size=size,
+        methods=chosen,
+        repeat=repeat,
+        atlas_k=atlas_k,
+        onestage_epochs=onestage_epochs,
+        keep=keep,
+        overwrite=overwrite,
+        command="landmark3d " + shlex.join(sys.argv[1:]),
+    )
+    _, json_path, md_path = run_bench(req, log=lambda m: err_console.print(m, highlight=False))
+    console.print(md_path.read_text(encoding="utf-8"), markup=False, highlight=False)
+    console.print(f"wrote {json_path} and {md_path}")
