@@ -23,6 +23,7 @@ import csv
 import io
 import json
 import math
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -171,8 +172,19 @@ def prediction_case_id(path: Path) -> str | None:
     return None
 
 
+_PREDICT_REPORT = re.compile(r"^timings(\.shard-\d+-of-\d+)?\.json$")
+"""The per-case report ``landmark3d predict`` writes beside its landmark files (not a case)."""
+
+
+def is_predict_report(file_name: str) -> bool:
+    """Whether ``file_name`` is ``predict``'s report (``timings.json``, ``timings.shard-K-of-N.json``)."""
+    return _PREDICT_REPORT.match(file_name) is not None
+
+
 def find_predictions(pred_dir: str | Path) -> tuple[dict[str, Path], list[Path]]:
     """Prediction files of ``pred_dir`` (not recursive): ``({case_id: path}, other_files)``.
+
+    ``predict``'s own report (``timings.json``, ``timings.shard-K-of-N.json``) is neither.
 
     ``other_files`` are visible files that are not landmark files. Two landmark files naming
     the same case (e.g. ``c1.fcsv`` and ``c1.json``) are ambiguous: LandmarkFileError.
@@ -188,6 +200,8 @@ def find_predictions(pred_dir: str | Path) -> tuple[dict[str, Path], list[Path]]
     others: list[Path] = []
     for p in sorted(d.iterdir()):
         if p.name.startswith(".") or not p.is_file() or p.name in (METRICS_JSON, METRICS_CSV):
+            continue
+        if is_predict_report(p.name):
             continue
         cid = prediction_case_id(p)
         if cid is None:

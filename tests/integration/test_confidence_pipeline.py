@@ -56,7 +56,11 @@ def test_training_calibrates_and_predict_writes_confidence(
     predictor = Predictor(tiny_run, device="cpu")
     assert cal is not None and predictor.calibration is not None
     assert cal.stage == predictor.stage and cal.stats["cases"] == split["val"]
-    assert cal.stats["n_points"] == 6 * len(split["val"])
+    views = cal.stats["views_per_case"]
+    assert views >= 1  # the validation cases and re-sampled views of them
+    assert cal.stats["n_points"] + cal.stats["n_truth_outside"] == 6 * len(split["val"]) * (
+        1 + views
+    )
     assert not cal.absence_enabled and not predictor.absence  # no cropped training cases
 
     image = _test_image(tiny_run, phantom_dir)
@@ -158,7 +162,7 @@ def test_calibration_on_cropped_cases_enables_absence(
     spec = crop_dataset(phantom_dir, tmp_path / "cropped", fraction=1.0, seed=0)
     cropped = load_dataset(spec)
     run = _copy_run(tiny_run, tmp_path / "run")
-    cal = calibrate_run(run, cropped, device="cpu")
+    cal = calibrate_run(run, cropped, device="cpu", views=0)  # exact counts: the cases alone
     outside = sum(
         len(c.extra["crop"]["outside"]) for c in cropped.cases if c.id in cal.stats["cases"]
     )
@@ -170,3 +174,24 @@ def test_calibration_on_cropped_cases_enables_absence(
     assert tp + fn == outside
     predictor = Predictor(run, device="cpu")
     assert predictor.absence and predictor.absence_margin_mm == cal.absence_margin_mm
+
+
+def test_calibration_views_add_points_with_the_truth_kept(
+    tiny_run: Path, phantom_dir: Path, tmp_path: Path
+) -> None:
+    """Re-sampled views of the validation cases multiply the calibration points; the fit is
+    deterministic and records how many views it used."""
+    run = _copy_run(tiny_run, tmp_path / "run")
+    plain = calibrate_run(run, device="cpu", views=0)
+    viewed = calibrate_run(run, device="cpu", views=2)
+    again = calibrate_run(run, device="cpu", views=2)
+    n0, n2 = plain.stats["n_points"], viewed.stats["n_points"]
+    assert viewed.stats["views_per_case"] == 2 and plain.stats["views_per_case"] == 0
+    # every annotated landmark of every view is either a point or outside that view's image
+    annotated = n0 + plain.stats["n_truth_outside"]
+    assert n2 + viewed.stats["n_truth_outside"] == 3 * annotated
+    assert n2 > n0
+    np.testing.assert_allclose(viewed.weights, again.weights)
+    assert load_calibration(run) is not None
+    with pytest.raises(ValueError, match="views"):
+        calibrate_run(run, device="cpu", views=-1)

@@ -110,6 +110,26 @@ def test_report_from_a_tiny_run(tiny_run: Path, phantom_dir: Path, tmp_path: Pat
     pngs = sorted(p.name for p in (run / "report_files").glob("*.png"))
     assert {"sdr_curve.png", "error_boxplots.png", "training.png"} <= set(pngs)
     assert sum(p.startswith("worst") for p in pngs) == min(3, len(test))
+    # calibrated run: the least confident predictions open the report, before the summary
+    from landmark3d.evaluation import find_predictions
+    from landmark3d.io.landmarks import read_landmarks
+    from landmark3d.reporting.collect import load_report_data
+    from landmark3d.reporting.flagged import scored_predictions
+
+    assert text.index("Predictions to check") < text.index("<h2>Summary</h2>")
+    preds = scored_predictions(load_report_data(run))
+    assert len(preds) == 6 * len(test)
+    expected = [p.expected_error_mm for p in preds]
+    assert expected == sorted(expected, reverse=True) and all(e > 0 for e in expected)
+    top = preds[0]
+    final_dir = run / list(dirs.values())[-1]
+    on_disk = read_landmarks(find_predictions(final_dir)[0][top.case]).extras[top.landmark]
+    assert float(on_disk["expected_error_mm"]) == top.expected_error_mm
+    truth = metrics[list(dirs)[-1]]["rows"]
+    row = next(r for r in truth if (r["case"], r["landmark"]) == (top.case, top.landmark))
+    assert row["error_mm"] == top.true_error_mm
+    first_row = text.split('<table id="flagged">')[1].split("</tr>")[1]
+    assert top.case in first_row and top.landmark in first_row
     # refuses to overwrite without --overwrite
     again = cli("report", run)
     assert again.code == 1 and "--overwrite" in again.err

@@ -188,3 +188,16 @@ def test_two_files_for_one_case_and_missing_directory(tmp_path):
         find_predictions(pred)
     with pytest.raises(LandmarkFileError, match="not a directory"):
         find_predictions(tmp_path / "nope")
+
+
+def test_predict_report_files_are_not_predictions(tmp_path):
+    from landmark3d.evaluation import is_predict_report
+
+    pred = tmp_path / "pred"
+    write_landmarks(_shifted("c1", [0, 0, 0]), pred / "c1.json")
+    for name in ("timings.json", "timings.shard-2-of-3.json"):
+        (pred / name).write_text('{"unit": "seconds", "cases": {}}')
+    found, others = find_predictions(pred)
+    assert list(found) == ["c1"] and others == []
+    assert is_predict_report("timings.json") and not is_predict_report("timings_a.json")
+    assert not is_predict_report("c1.json")

@@ -415,6 +415,12 @@ def calibrate(
         bool, typer.Option("--tta", help="Also fit on the test-time-augmentation spread.")
     ] = False,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
+    views: Annotated[
+        int,
+        typer.Option(
+            "--views", help="Re-sampled views per validation case added to the fit.", min=0
+        ),
+    ] = 4,
 ) -> None:
     """Fit the confidence calibration on the run's validation cases (RUN/calibration.json).
 
@@ -430,6 +436,7 @@ def calibrate(
         ds,
         tta=tta,
         device=device,
+        views=views,
         progress=lambda name: err_console.print(f"predicted {name}", highlight=False),
     )
     s = cal.stats

@@ -106,6 +106,12 @@ def report(
     overwrite: Annotated[
         bool, typer.Option("--overwrite", help="Replace an existing report.")
     ] = False,
+    flag_above: Annotated[
+        float,
+        typer.Option(
+            "--flag-above", help="List first the predictions expected to be off by more (mm)."
+        ),
+    ] = 4.0,
 ) -> None:
     """Write a self-contained HTML report (tables, SDR curve, box plots, slices, training curves).
 
@@ -115,7 +121,7 @@ def report(
     """
     from landmark3d.reporting.html import build_report
 
-    result = build_report(run, out, overwrite=overwrite, n_worst=worst)
+    result = build_report(run, out, overwrite=overwrite, n_worst=worst, flag_above=flag_above)
     console.print(f"wrote {result.html} ({len(result.figures)} figure(s) in {result.files_dir})")
 
 

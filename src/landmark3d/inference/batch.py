@@ -372,6 +372,16 @@ def predict_cohort(
             path=input_path or dataset_path,
             fix="rename the images so that their names differ without the suffix.",
         )
+    from landmark3d.evaluation import is_predict_report
+
+    reserved = [cid for cid, _ in items if is_predict_report(f"{cid}.{fmt}")]
+    if reserved:  # "timings.json" is the run's report; evaluation would skip the case
+        raise ImageError(
+            f"the case id(s) {', '.join(reserved)} would be written as JSON files named like "
+            "predict's own report (timings*.json).",
+            path=input_path or dataset_path,
+            fix="rename the image(s), or choose another --format (fcsv, mrk.json, csv).",
+        )
     cohort = len(items)
     mine = shard_items(items, part)
     records = [CaseRecord(cid, path, out / f"{cid}.{fmt}") for cid, path in mine]

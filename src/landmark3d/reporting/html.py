@@ -21,8 +21,11 @@ from landmark3d import __version__
 from landmark3d.io.atomic import atomic_write_text, check_writable
 from landmark3d.reporting import figures
 from landmark3d.reporting.collect import ReportData, load_report_data, read_json, worst_cases
+from landmark3d.reporting.flagged import DEFAULT_FLAG_MM, flag_summary, scored_predictions
 from landmark3d.reporting.slices import CONVENTION, Marker, lps_volume, triplanar_figure
 from landmark3d.reporting.tables import (
+    fmt_mm,
+    fmt_pct,
     fold_table,
     landmark_table,
     stage_label,
@@ -166,11 +169,45 @@ def _training_histories(data: ReportData) -> dict[str, list[dict[str, float]]]:
     return curves
 
 
+def _flagged_section(data: ReportData, flag_above: float, least: int = 5) -> list[str]:
+    """ "Predictions to check": flagged (absent or expected error > ``flag_above``) first."""
+    preds = scored_predictions(data)
+    if not preds:
+        return []
+    flagged = [p for p in preds if p.flagged(flag_above)]
+    shown = flagged or preds[:least]
+    stats = flag_summary(preds, flag_above)
+    head = (
+        f"{stats['flagged']} of {stats['n']} predictions flagged (absent, or expected error "
+        f"&gt; {flag_above:g} mm); they hold {stats['true_gt4_flagged']} of the "
+        f"{stats['true_gt4']} true errors &gt; 4 mm."
+        if flagged
+        else f"No prediction flagged (expected error &gt; {flag_above:g} mm); the {len(shown)} "
+        "least confident are listed."
+    )
+    rows = "".join(
+        f"<tr><td>{_esc(p.run + ' / ' if data.kind == 'cv' else '')}{_esc(p.case)}</td>"
+        f"<td>{_esc(p.landmark)}</td><td>{_esc(fmt_mm(p.expected_error_mm))}</td>"
+        f"<td>{_esc(fmt_pct(100 * p.confidence))}</td>"
+        f"<td>{_esc(fmt_mm(p.true_error_mm))}</td><td>{_esc(p.absent_reason or '')}</td></tr>"
+        for p in shown
+    )
+    return [
+        "<h2>Predictions to check</h2>",
+        f'<p class="note">{head} Expected error and confidence come from the run\'s '
+        "calibration (<code>calibration.json</code>); least confident first.</p>",
+        '<table id="flagged"><tr><th>case</th><th>landmark</th><th>expected error (mm)</th>'
+        "<th>confidence</th><th>true error (mm)</th><th>absent because</th></tr>"
+        f"{rows}</table>",
+    ]
+
+
 def build_report(
     run_dir: str | Path,
     out: str | Path | None = None,
     overwrite: bool = False,
     n_worst: int = 3,
+    flag_above: float = DEFAULT_FLAG_MM,
 ) -> ReportResult:
     """Write ``report.html`` and its figures for a run or cross-validation directory.
 
@@ -180,6 +217,8 @@ def build_report(
             ``<out stem>_files/`` beside it.
         overwrite: replace an existing report.
         n_worst: number of worst cases shown as tri-planar slices.
+        flag_above: expected error (mm) above which a prediction is listed first as one to
+            check (calibrated runs; absent landmarks are always listed).
 
     Returns:
         :class:`ReportResult`.
@@ -211,6 +250,8 @@ def build_report(
     if data.failed:
         items = "".join(f"<li>{_esc(k)}: {_esc(v)}</li>" for k, v in data.failed.items())
         body.append(f'<p class="fail">Failed (not in the tables):</p><ul>{items}</ul>')
+
+    body += _flagged_section(data, flag_above)
 
     body.append("<h2>Summary</h2>")
     pooled = " (pooled over the folds)" if data.kind == "cv" else ""
