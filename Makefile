@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(PY) benchmarks/bench_ablation.py
 	$(PY) benchmarks/bench_suite.py --reuse
 	$(PY) benchmarks/bench_confidence.py
+	$(PY) benchmarks/bench_inference.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache

@@ -52,6 +52,7 @@ import SimpleITK as sitk
 import torch
 
 import landmark3d
+from landmark3d.baselines.suite import peak_rss_mb
 from landmark3d.config import ExperimentConfig, apply_overrides, load_config
 from landmark3d.data.dataset import Dataset, load_dataset
 from landmark3d.data.phantom import generate_phantom
@@ -234,7 +235,15 @@ def build_random_run(
 
 # ----------------------------------------------------------------------------- inference
 def _rss_mb(who: int) -> float:
-    """Peak resident set size of ``who`` (RUSAGE_SELF / RUSAGE_CHILDREN) in MiB."""
+    """Peak resident set size of ``who`` (RUSAGE_SELF / RUSAGE_CHILDREN) in MiB.
+
+    For this process :func:`landmark3d.baselines.suite.peak_rss_mb` (Linux ``VmHWM``):
+    ``ru_maxrss`` survives ``exec`` and so starts at the *parent's* resident size at the fork
+    — after the parent generated the 512x512x300 volume, every child "peaked" at 1.7 GB before
+    reading a voxel (measured here).
+    """
+    if who == resource.RUSAGE_SELF:
+        return peak_rss_mb()
     peak = resource.getrusage(who).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 1024  # bytes on macOS, else KiB
 

@@ -167,6 +167,29 @@ def test_calibration_fit_is_monotone_and_informative() -> None:
     assert np.mean(fitted) == pytest.approx(np.mean(err), rel=0.15)
 
 
+def test_expected_error_extrapolates_at_most_e_times_past_validation() -> None:
+    """A score far outside the validation range gives a large but bounded expected error,
+    while the probability (and so the confidence ranking) keeps rising."""
+    from landmark3d.inference.calibration import LOG_OFFSET_MM, Z_HEADROOM
+
+    rows, err = _synthetic(60)
+    cal = Calibration.fit(rows, err)
+    assert cal.z_max is not None
+    cap = cal.smearing * np.exp(cal.z_max + Z_HEADROOM) - LOG_OFFSET_MM
+    base = {"heatmap_spread_mm": 5.0, "heatmap_peak": 0.8, "coarse_fine_shift_mm": 3.0}
+    far, farther = dict(base, heatmap_spread_mm=500.0), dict(base, heatmap_spread_mm=5000.0)
+    cal.annotate(far)  # type: ignore[arg-type]
+    cal.annotate(farther)  # type: ignore[arg-type]
+    assert float(far["expected_error_mm"]) == pytest.approx(cap, rel=1e-3)
+    assert float(farther["expected_error_mm"]) == pytest.approx(cap, rel=1e-3)
+    assert cap > max(err)  # the cap lies beyond every validation error
+    assert cal.p_error_gt(cal.score(farther)) >= cal.p_error_gt(cal.score(far))
+    assert cal.score(farther) > cal.score(far)
+    # an older file without z_max still loads and extrapolates as before
+    old = Calibration.from_dict({**cal.to_dict(), "z_max": None})
+    assert old.z_max is None and old.expected_error_mm(cal.z_max + 5) > cap
+
+
 def test_calibration_drops_sign_flipped_and_uninformative_scores() -> None:
     rows, err = _synthetic(40, seed=1)
     for r, e in zip(rows, err, strict=True):

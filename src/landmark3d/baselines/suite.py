@@ -84,7 +84,18 @@ def _budget(threads: int | None) -> None:
 
 
 def peak_rss_mb() -> float:
-    """Peak resident set size of this process in MiB (``ru_maxrss``: KiB on Linux)."""
+    """Peak resident set size of this process in MiB.
+
+    On Linux ``VmHWM`` from ``/proc/self/status``: ``ru_maxrss`` survives ``exec``, so a
+    spawned child would report at least its parent's resident size at the fork. Elsewhere
+    ``ru_maxrss`` (KiB; bytes on macOS).
+    """
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return float(line.split()[1]) / 1024.0  # kB
+    except OSError:
+        pass
     kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return float(kib) / (1024.0 * 1024.0 if sys.platform == "darwin" else 1024.0)
 

@@ -26,6 +26,8 @@ CALIBRATION_VERSION = 1
 THRESHOLD_MM = 4.0
 SCORE_KEYS = ("heatmap_spread_mm", "heatmap_peak", "coarse_fine_shift_mm", "tta_spread_mm")
 LOG_OFFSET_MM = 0.5
+Z_HEADROOM = 1.0
+"""How far (in z, i.e. log mm) the expected error may extrapolate past the validation points."""
 DEFAULT_ABSENCE_MARGIN_MM = 5.0
 
 
@@ -93,6 +95,11 @@ class Calibration:
         stage: the predictor stage the calibration was fitted for.
         tta: whether ``tta_spread_mm`` was computed when fitting.
         stats: fit statistics (n points/cases, in-sample Spearman, ...).
+        z_max: the largest ``z`` of the validation points (None in older files). The expected
+            error extrapolates at most :data:`Z_HEADROOM` beyond it (a factor e): the fit is
+            log-linear, and a score far outside the validation range (an image unlike any
+            seen) would otherwise read as metres. Confidence and probability are not capped,
+            so the ranking of predictions is unchanged.
     """
 
     keys: list[str]
@@ -109,6 +116,7 @@ class Calibration:
     tta: bool = False
     stats: dict[str, Any] = field(default_factory=dict)
     version: int = CALIBRATION_VERSION
+    z_max: float | None = None
 
     # .................................................................... apply
     def score(self, extras: Mapping[str, Any]) -> float:
@@ -119,7 +127,9 @@ class Calibration:
         return float(self.intercept + np.dot(np.asarray(self.weights), std))
 
     def expected_error_mm(self, z: float) -> float:
-        return max(self.smearing * math.exp(min(z, 50.0)) - LOG_OFFSET_MM, 0.0)
+        """Expected error (mm) at score ``z``, extrapolating at most e× past the validation."""
+        cap = 50.0 if self.z_max is None else self.z_max + Z_HEADROOM
+        return max(self.smearing * math.exp(min(z, cap)) - LOG_OFFSET_MM, 0.0)
 
     def p_error_gt(self, z: float) -> float:
         a, b = self.logistic
@@ -174,7 +184,7 @@ class Calibration:
         cal = cls(
             keys=use, mean=mean, scale=scale, weights=[float(v) for v in w],
             intercept=float(intercept), smearing=smearing, logistic=logistic,
-            threshold_mm=float(threshold_mm),
+            threshold_mm=float(threshold_mm), z_max=float(z.max()) if len(z) else None,
         )  # fmt: skip
         cal.stats = {
             "n_points": len(y),
@@ -206,6 +216,7 @@ class Calibration:
                 absence_margin_mm=float(d["absence_margin_mm"]),
                 absence_enabled=bool(d["absence_enabled"]), stage=str(d["stage"]),
                 tta=bool(d["tta"]), stats=dict(d.get("stats", {})),
+                z_max=None if d.get("z_max") is None else float(d["z_max"]),
             )  # fmt: skip
             n = len(cal.keys)
             if not (len(cal.mean) == len(cal.scale) == len(cal.weights) == n):
