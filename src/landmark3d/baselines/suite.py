@@ -21,8 +21,8 @@ Measurements, each job in a fresh ``spawn`` child process when ``isolate`` (the 
   median is taken, then the median over cases; reading the image is timed the same way and is
   the reference of the ``inference / read`` ratio (files are in the OS cache after the first
   read);
-* **peak memory** — ``resource.getrusage(RUSAGE_SELF).ru_maxrss`` of the child process that
-  ran the job (peak resident set size, MiB; includes the Python + torch runtime). A child that
+* **peak memory** — the peak resident set size (:func:`peak_rss_mb`: ``VmHWM`` on Linux,
+  else ``ru_maxrss``) of the child process that ran the job (peak resident set size, MiB; includes the Python + torch runtime). A child that
   only imports the same modules and reads the test images is the reference (``reference``
   row of ``meta.memory``). tracemalloc is not used: it does not see torch's allocations.
   Without isolation the figures are the orchestrating process' cumulative peak (reported as
@@ -494,8 +494,8 @@ def run_suite(settings: SuiteSettings, log: Callable[[str], None] = print) -> di
         "reused": {k: str(v) for k, v in reused.items()},
         "train_wall_s": train_wall,
         "memory": {
-            "measure": "resource.getrusage(RUSAGE_SELF).ru_maxrss of a fresh spawn child per "
-            "job (peak RSS, MiB, includes the Python/torch runtime)",
+            "measure": "peak resident set size (VmHWM on Linux) of a fresh spawn child per "
+            "job (MiB, includes the Python/torch runtime)",
             "reference_peak_rss_mb": ref["peak_rss_mb"],
         },
         "ratios": ratios,

@@ -51,7 +51,7 @@ def markdown(result: dict[str, Any]) -> str:
         f"{_fmt(ratios['train_full_over_onestage'])}; 'inference / read' = inference time over "
         "the time to read the same image (median of "
         f"{meta['repeat']} repeats per case, atlas {meta['atlas_repeat']}).",
-        f"Peak RSS: ru_maxrss of a fresh process per job; reference (imports + reading the "
+        f"Peak RSS: peak resident set size (VmHWM) of a fresh process per job; reference (imports + reading the "
         f"images) {_fmt(meta['memory']['reference_peak_rss_mb'], 0)} MiB. Training time: sum "
         "of logged epoch times (atlas: preparing the atlases).",
     ]
