@@ -33,6 +33,7 @@ import yaml
 
 from landmark3d.errors import ConfigError
 from landmark3d.io.atomic import atomic_write_text
+from landmark3d.naming import closest_match
 
 Optimizer = Literal["sgd", "adam", "adamw"]
 Schedule = Literal["cosine", "constant"]
@@ -365,8 +366,8 @@ def _build(cls: type, data: Any, keypath: tuple[str, ...], ctx: _Ctx) -> Any:
     for key, value in data.items():
         kp = (*keypath, str(key))
         if key not in fields:
-            close = difflib.get_close_matches(str(key), list(fields), n=1, cutoff=0.5)
-            hint = f"did you mean '{close[0]}'?" if close else "remove it."
+            match = closest_match(str(key), list(fields), cutoff=0.5)
+            hint = f"did you mean '{match}'?" if match else "remove it."
             raise _err(
                 ctx,
                 kp,
@@ -618,11 +619,11 @@ def _set_dotted(d: dict[str, Any], key: str, value: Any, source: str | None) -> 
     for i, part in enumerate(parts[:-1]):
         if not isinstance(node.get(part), dict):
             valid = [k for k, v in node.items() if isinstance(v, dict)]
-            close = difflib.get_close_matches(part, valid, n=1, cutoff=0.5)
+            match = closest_match(part, valid, cutoff=0.5)
             raise ConfigError(
                 f"override '{key}': '{'.'.join(parts[: i + 1])}' is not a config section.",
                 path=source,
-                fix=(f"did you mean '{close[0]}'? " if close else "")
+                fix=(f"did you mean '{match}'? " if match else "")
                 + f"Sections: {', '.join(valid)}.",
             )
         node = node[part]

@@ -377,3 +377,17 @@ def test_config_odd_files_are_config_errors(tmp_path: Path) -> None:
         assert info.value.path is not None and Path(info.value.path) == path
     with pytest.raises(ConfigError, match="'seed' must be int, got '2001-02-30'"):
         apply_overrides(load_config("phantom_demo"), ["seed=2001-02-30"])
+
+
+def test_a_one_edit_typo_is_traced_to_its_key_not_a_similar_one() -> None:
+    """``bptch_size`` is one edit from ``batch_size`` and two from ``patch_size`` (a draw
+    hypothesis once found, where difflib's ratio preferred ``patch_size``)."""
+    from landmark3d.naming import closest_match
+
+    keys = ["patch_size", "spacing_mm", "batch_size", "sigma_mm"]
+    assert closest_match("bptch_size", keys) == "batch_size"
+    assert closest_match("pacth_size", keys) == "patch_size"  # transposition
+    assert closest_match("ix", ["id", "image"]) == "id"  # short keys: one edit, below cutoff
+    assert closest_match("zzz", keys) is None
+    with pytest.raises(ConfigError, match="did you mean 'batch_size'"):
+        apply_overrides(load_config("phantom_demo"), ["fine.bptch_size=3"])

@@ -17,7 +17,6 @@ images, landmarks outside the image, ...) are the job of :mod:`landmark3d.data.v
 
 from __future__ import annotations
 
-import difflib
 import json
 import os
 import re
@@ -33,6 +32,7 @@ from landmark3d.io import images as image_io
 from landmark3d.io import landmarks as landmark_io
 from landmark3d.io.atomic import atomic_write_text, check_writable
 from landmark3d.io.landmark_set import LandmarkSet
+from landmark3d.naming import closest_match, one_edit_apart
 
 SPEC_FILENAME = "dataset.json"
 MODALITIES = ("CT", "MR")
@@ -44,29 +44,6 @@ _STATED_SYSTEM = re.compile(r"coordinate_?\s*system\"?\s*[=:]\s*\"?\s*(\w+)", re
 
 
 # ---------------------------------------------------------------------------- helpers
-def closest_match(name: str, choices: Iterable[str], cutoff: float = 0.6) -> str | None:
-    """The entry of ``choices`` most like ``name`` (case-insensitive), or None if none is close."""
-    lowered = {c.lower(): c for c in choices}
-    if name.lower() in lowered:
-        return lowered[name.lower()]
-    found = difflib.get_close_matches(name.lower(), list(lowered), n=1, cutoff=cutoff)
-    return lowered[found[0]] if found else None
-
-
-def _one_edit_apart(a: str, b: str) -> bool:
-    """Whether ``a`` becomes ``b`` by one deletion, insertion, substitution or transposition."""
-    if a == b or abs(len(a) - len(b)) > 1:
-        return False
-    if len(a) == len(b):
-        diff = [i for i in range(len(a)) if a[i] != b[i]]
-        return len(diff) == 1 or (
-            len(diff) == 2 and diff[1] == diff[0] + 1 and a[diff[0]] == b[diff[1]]
-            and a[diff[1]] == b[diff[0]]
-        )  # fmt: skip
-    short, long_ = (a, b) if len(a) < len(b) else (b, a)
-    return any(long_[:i] + long_[i + 1 :] == short for i in range(len(long_)))
-
-
 def misspelling_of(key: str, choices: Iterable[str], cutoff: float = 0.75) -> str | None:
     """The valid key that ``key`` looks like a misspelling of, or None.
 
@@ -78,7 +55,7 @@ def misspelling_of(key: str, choices: Iterable[str], cutoff: float = 0.75) -> st
     match = closest_match(key, options, cutoff)
     if match is not None:
         return match
-    near = [c for c in options if _one_edit_apart(key.lower(), c.lower())]
+    near = [c for c in options if one_edit_apart(key.lower(), c.lower())]
     return near[0] if near else None
 
 
