@@ -131,11 +131,12 @@ def calibrate_run(
         truth = ds.read_landmarks(cid).subset(predictor.landmark_names)
         rng = np.random.default_rng([predictor.config.seed, index])
         base = Geometry.from_sitk(original)
+        background = _background(original) if views else 0.0
         for view in range(views + 1):
             image = original
             if view:  # same anatomy and world coordinates, another grid: the truth still holds
                 grid = random_affine_geometry(base, rng, aug.translate, aug.scale, aug.rotate_deg)
-                image = resample(original, grid, default_value=_background(original))
+                image = resample(original, grid, default_value=background)
             pred = predictor.predict(image)
             geometry = pred.geometry if pred.geometry is not None else Geometry.from_sitk(image)
             truth_out = ~geometry.contains_world(truth.coords) & truth.present

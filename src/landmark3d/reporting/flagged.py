@@ -59,15 +59,11 @@ def _num(value: Any) -> float:
 
 def _stage_predictions(stage: StageData) -> list[ScoredPrediction]:
     """Scored predictions of every prediction directory of ``stage`` (calibrated ones only)."""
-    labels = {str(r.get("run")) for r in stage.rows}
+    run_of = {str(r["case"]): str(r.get("run", "run")) for r in stage.rows}
     out: list[ScoredPrediction] = []
     for source in stage.sources:
         metrics = read_json(source)
         truth = {(r["case"], r["landmark"]): _num(r.get("error_mm")) for r in metrics["rows"]}
-        label = next(
-            (str(r["run"]) for r in stage.rows if (r["case"], r["landmark"]) in truth),
-            next(iter(labels), "run"),
-        )
         files, _ = find_predictions(Path(source).parent)
         for case, path in files.items():
             pred = read_landmarks(path)
@@ -78,7 +74,7 @@ def _stage_predictions(stage: StageData) -> list[ScoredPrediction]:
                     continue  # an uncalibrated run: nothing to rank by
                 out.append(
                     ScoredPrediction(
-                        run=label,
+                        run=run_of.get(case, "run"),
                         case=case,
                         landmark=name,
                         expected_error_mm=_num(extras.get("expected_error_mm")),
