@@ -92,6 +92,31 @@ def test_training_calibrates_and_predict_writes_confidence(
     assert all(float(table.extras[n]["tta_spread_mm"]) >= 0 for n in table.names)
     assert "0 landmark(s) flagged" in r.out
 
+    # TTA is the default (the calibration was fitted with it); --no-tta is faster, writes no
+    # tta_spread_mm, and is scored by the calibration's TTA-free refit, not the TTA model
+    assert cal.tta and predictor.tta and cal.without_tta is not None
+    fast = Predictor(tiny_run, device="cpu", tta=False)
+    assert not fast.tta and fast.calibration is not None
+    assert (
+        fast.calibration.keys == cal.without_tta.keys
+        and "tta_spread_mm" not in fast.calibration.keys
+    )
+    quick = fast.predict_file(image).landmarks
+    json_dir = tmp_path / "json"
+    r = cli("predict", "--model", tiny_run, "--input", image, "--out", json_dir, "--format", "json",
+            "--no-tta")  # fmt: skip
+    assert r.code == 0, r.err
+    written = read_landmarks(json_dir / f"{cid}.json")
+    for name in quick.names:
+        ex = quick.extras[name]
+        assert "tta_spread_mm" not in ex and "tta_spread_mm" not in written.extras[name]
+        rescored = {k: v for k, v in ex.items() if k not in FIELDS}
+        cal.without_tta.annotate(rescored)
+        assert ex["expected_error_mm"] == rescored["expected_error_mm"]
+        assert float(written.extras[name]["expected_error_mm"]) == pytest.approx(
+            float(ex["expected_error_mm"])
+        )
+
 
 def test_uncalibrated_run_and_the_calibrate_command(
     cli: Cli, tiny_run: Path, phantom_dir: Path, tmp_path: Path

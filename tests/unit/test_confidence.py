@@ -205,6 +205,38 @@ def test_calibration_drops_sign_flipped_and_uninformative_scores() -> None:
     )
 
 
+def test_tta_calibration_keeps_a_tta_free_refit_for_predictions_without_tta() -> None:
+    rows, err = _synthetic(60, seed=2)
+    rng = np.random.default_rng(3)
+    for r, e in zip(rows, err, strict=True):  # the TTA spread tracks the error closely
+        r["tta_spread_mm"] = float(e * np.exp(rng.normal(0, 0.1)))
+    cal = Calibration.fit(rows, err)
+    assert "tta_spread_mm" in cal.keys and cal.weights[cal.keys.index("tta_spread_mm")] > 0
+    fallback = cal.without_tta
+    assert fallback is not None and "tta_spread_mm" not in fallback.keys
+    assert fallback.without_tta is None and fallback.stats["n_points"] == 60
+    assert cal.for_prediction(True) is cal and cal.for_prediction(False) is fallback
+    # the refit gives the other scores their own weights (the TTA fit leans on the spread)
+    assert fallback.weights != cal.weights[: len(fallback.weights)]
+    no_tta = {k: v for k, v in rows[0].items() if k != "tta_spread_mm"}
+    assert fallback.score(no_tta) != cal.score(no_tta)
+    # a calibration without TTA has no refit and scores everything itself
+    plain = Calibration.fit(
+        [{k: v for k, v in r.items() if k != "tta_spread_mm"} for r in rows], err
+    )
+    assert plain.without_tta is None and plain.for_prediction(False) is plain
+    # JSON round trip, nested model included
+    back = Calibration.from_dict(json.loads(json.dumps(cal.to_dict())))
+    assert back.without_tta is not None and back.without_tta.keys == fallback.keys
+    assert back.without_tta.score(no_tta) == pytest.approx(fallback.score(no_tta))
+    assert back.score(rows[0]) == pytest.approx(cal.score(rows[0]))
+    broken = {**cal.to_dict(), "without_tta": {**fallback.to_dict(), "weights": [1.0]}}
+    with pytest.raises(CheckpointError, match="malformed"):
+        Calibration.from_dict(broken)
+    with pytest.raises(CheckpointError, match="without_tta"):
+        Calibration.from_dict({**cal.to_dict(), "without_tta": [1, 2]})
+
+
 def test_calibration_without_large_errors_or_data_stays_finite() -> None:
     rows, err = _synthetic(12)
     cal = Calibration.fit(rows, np.minimum(err, 3.0))  # no error above 4 mm

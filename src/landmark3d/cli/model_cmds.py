@@ -412,8 +412,13 @@ def calibrate(
         typer.Option("--dataset", help="The run's dataset (default: the one in split.json)."),
     ] = None,
     tta: Annotated[
-        bool, typer.Option("--tta", help="Also fit on the test-time-augmentation spread.")
-    ] = False,
+        bool,
+        typer.Option(
+            "--tta/--no-tta",
+            help="Fit on the test-time-augmentation spread too (default; predictions then run "
+            "TTA unless --no-tta, which uses a TTA-free refit stored alongside).",
+        ),
+    ] = True,
     device: Annotated[str, typer.Option("--device", help="auto, cpu or cuda.")] = "auto",
     views: Annotated[
         int,
@@ -424,7 +429,7 @@ def calibrate(
 ) -> None:
     """Fit the confidence calibration on the run's validation cases (RUN/calibration.json).
 
-    `landmark3d train` does this after training; use it for older runs or with --tta.
+    `landmark3d train` does this after training; use it for older runs or to refit.
     Example: [bold]landmark3d calibrate --model runs/f0[/]
     """
     from landmark3d.data.dataset import load_dataset

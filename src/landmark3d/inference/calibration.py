@@ -24,7 +24,8 @@ FloatArray = NDArray[np.float64]
 CALIBRATION_FILE = "calibration.json"
 CALIBRATION_VERSION = 1
 THRESHOLD_MM = 4.0
-SCORE_KEYS = ("heatmap_spread_mm", "heatmap_peak", "coarse_fine_shift_mm", "tta_spread_mm")
+TTA_KEY = "tta_spread_mm"
+SCORE_KEYS = ("heatmap_spread_mm", "heatmap_peak", "coarse_fine_shift_mm", TTA_KEY)
 LOG_OFFSET_MM = 0.5
 Z_HEADROOM = 1.0
 """How far (in z, i.e. log mm) the expected error may extrapolate past the validation points."""
@@ -100,6 +101,10 @@ class Calibration:
             log-linear, and a score far outside the validation range (an image unlike any
             seen) would otherwise read as metres. Confidence and probability are not capped,
             so the ranking of predictions is unchanged.
+        without_tta: for a calibration fitted with ``tta_spread_mm``: the same fit on the same
+            points without it, used by predictions made without TTA (``--no-tta``, faster).
+            Scoring them with the TTA model would enter the missing spread at its mean, with
+            the other weights shrunk by its presence; the refit gives them their own weights.
     """
 
     keys: list[str]
@@ -117,6 +122,13 @@ class Calibration:
     stats: dict[str, Any] = field(default_factory=dict)
     version: int = CALIBRATION_VERSION
     z_max: float | None = None
+    without_tta: Calibration | None = None
+
+    def for_prediction(self, tta: bool) -> Calibration:
+        """The model that scores predictions made with (``tta``) or without TTA."""
+        if not tta and self.without_tta is not None:
+            return self.without_tta
+        return self
 
     # .................................................................... apply
     def score(self, extras: Mapping[str, Any]) -> float:
@@ -192,12 +204,21 @@ class Calibration:
             "mre_mm": float(err.mean()) if len(err) else None,
             "spearman_score_error": _json_float(rank_correlation(z, err)),
         }
+        if TTA_KEY in use:
+            rest = [k for k in keys if k != TTA_KEY]
+            cal.without_tta = cls.fit(extras, errors_mm, threshold_mm, ridge, rest)
         return cal
 
     # .................................................................... JSON
     def to_dict(self) -> dict[str, Any]:
-        d = asdict(self)
+        fallback = self.without_tta
+        self.without_tta = None  # asdict would recurse without the list fix-up below
+        try:
+            d = asdict(self)
+        finally:
+            self.without_tta = fallback
         d["logistic"] = list(self.logistic)
+        d["without_tta"] = fallback.to_dict() if fallback is not None else None
         return d
 
     @classmethod
@@ -218,6 +239,10 @@ class Calibration:
                 tta=bool(d["tta"]), stats=dict(d.get("stats", {})),
                 z_max=None if d.get("z_max") is None else float(d["z_max"]),
             )  # fmt: skip
+            if d.get("without_tta") is not None:
+                if not isinstance(d["without_tta"], Mapping):
+                    raise ValueError("without_tta is not an object")
+                cal.without_tta = cls.from_dict(d["without_tta"], path)
             n = len(cal.keys)
             if not (len(cal.mean) == len(cal.scale) == len(cal.weights) == n):
                 raise ValueError("keys, mean, scale and weights differ in length")

@@ -106,7 +106,9 @@ class Predictor:
             from the group's key-slice model), or "auto" (default): "correlated" when the run
             has a correlated model, else "fine".
         tta: also compute ``tta_spread_mm`` (the fine stage rerun from 4 shifted patch
-            centres: ~5x the fine cost); None: as the calibration was fitted (else off).
+            centres: ~5x the fine cost); None: as the calibration was fitted (else off). A
+            calibration fitted with TTA scores predictions made without it with its TTA-free
+            refit (``Calibration.without_tta``).
         calibrated: use ``RUN/calibration.json`` (if present and fitted for this stage).
         absence: report landmarks predicted beyond the image as missing; None: as the
             calibration says (on when the run was trained on cropped scans), else off.
@@ -182,8 +184,9 @@ class Predictor:
             self.group_models = {k: m.to(self.device).eval() for k, m in models.items()}
         self.meta = meta
         cal = load_calibration(self.run) if calibrated else None
-        self.calibration = cal if cal is not None and cal.stage == stage else None
         self.tta = bool(tta if tta is not None else (cal is not None and cal.tta))
+        fitted = cal if cal is not None and cal.stage == stage else None
+        self.calibration = fitted.for_prediction(self.tta) if fitted is not None else None
         self.absence = bool(absence if absence is not None else (cal and cal.absence_enabled))
         self.absence_margin_mm = cal.absence_margin_mm if cal else DEFAULT_ABSENCE_MARGIN_MM
 
