@@ -166,7 +166,19 @@ def test_landmark_predicted_far_outside_is_absent(
     t = np.zeros((len(p.landmark_names), 3))
     t[0] = [3.0, 0.0, 0.0]  # a grid width beyond the image along i
     p.coarse = _FixedCoarse(t)  # type: ignore[assignment]
-    ls = p.predict(read_image(phantom_dir / "images" / "case003.nii.gz")).landmarks
+    image = read_image(phantom_dir / "images" / "case003.nii.gz")
+    assert p.flat_spread_mm is not None
+    if absence:  # the 2-epoch U-Nets have no peak anywhere: with the flat-heatmap rule on,
+        # everything inside the image is "not found" (honest for an untrained model)
+        flat = p.predict(image).landmarks
+        assert not flat.present.any()
+        assert all(
+            flat.missing_reason[n].startswith("not found in the image (flat heatmap")
+            for n in flat.names[1:]
+        )
+        assert flat.missing_reason[flat.names[0]].startswith("outside field of view")
+    p.flat_spread_mm = None  # the beyond-the-image rule alone
+    ls = p.predict(image).landmarks
     first = ls.names[0]
     assert float(ls.extras[first]["beyond_image_mm"]) > 20.0
     if absence:

@@ -24,8 +24,10 @@ from landmark3d.inference.confidence import (
     beyond_image_mm,
     fit_absence_margin,
     flag_above,
+    flat_heatmap_spread_mm,
     heatmap_spread_mm,
     load_calibration,
+    not_found_reason,
     probability_key,
     rank_correlation,
     tta_offsets,
@@ -348,10 +350,39 @@ def test_forced_coarse_outside_the_image_is_reported_absent() -> None:
     assert ls.present.all()  # the input is not modified
 
 
+def test_flat_heatmap_rule_reports_a_landmark_without_a_peak_as_not_found() -> None:
+    spacing = (1.5, 1.5, 1.5)
+    flat = flat_heatmap_spread_mm((32, 32, 32), spacing)
+    assert flat == pytest.approx(0.8 * 48.0 / 2.0)  # 80 % of sqrt(3 * 48² / 12) = 24 mm
+    assert flat_heatmap_spread_mm((32, 32, 16), (1.5, 1.5, 3.0)) == pytest.approx(flat)
+    # the rule's premise: a trained-looking peak is far below it, a flat or noisy map above it
+    grid = np.stack(np.meshgrid(*[np.arange(32.0)] * 3, indexing="ij"), axis=-1)
+    peak = np.exp(-((grid - [12.0, 20.0, 16.0]) ** 2).sum(-1) * 1.5**2 / (2 * 3.0**2))
+    noise = np.random.default_rng(0).uniform(0.9, 1.0, (32, 32, 32))
+    assert heatmap_spread_mm(peak, spacing) < 5.0 < flat < heatmap_spread_mm(noise, spacing)
+
+    g = _oblique_geometry()
+    inside = g.index_to_world(np.array([[10.0, 15.0, 5.0]] * 3))
+    extras = {"a": {"heatmap_spread_mm": 4.0}, "b": {"heatmap_spread_mm": 25.0}, "c": {}}
+    ls = LandmarkSet(["a", "b", "c"], inside, extras=extras)  # type: ignore[arg-type]
+    out = annotate_prediction(ls, inside, g, None, absence=True, margin_mm=2.0, flat_spread_mm=19.2)
+    assert out.is_missing("b") and not out.is_missing("a") and not out.is_missing("c")
+    assert out.missing_reason["b"] == not_found_reason(25.0, 19.2)
+    assert (
+        "not found in the image (flat heatmap: spread 25.0 mm > 19.2 mm)" in out.missing_reason["b"]
+    )
+    assert out.extras["b"]["absent"] == 1 and out.extras["b"]["beyond_image_mm"] == 0.0
+    # off without the absence decision, or without a threshold (coarse-only predictions)
+    for kwargs in ({"absence": False, "flat_spread_mm": 19.2}, {"absence": True}):
+        assert annotate_prediction(ls, inside, g, None, **kwargs).present.all()  # type: ignore[arg-type]
+
+
 def test_absence_margin_fit() -> None:
     beyond = np.array([0.0, 0.0, 0.5, 1.5, 4.0, 15.0, 20.0, np.nan])
     truth = np.array([False, False, False, False, True, True, True, False])
-    assert fit_absence_margin(beyond, truth) == 3.0  # best F1; the larger of the tied margins
+    assert fit_absence_margin(beyond, truth) == 3.0  # best F1 for 2 and 3: the upper middle
+    wide = np.array([0.0, 0.0, 25.0, 30.0])  # every margin from 0 to 20 separates them
+    assert fit_absence_margin(wide, np.array([False, False, True, True])) == 5.0  # plateau centre
     assert fit_absence_margin(beyond[:4], truth[:4], default=1.0) == 2.0  # no false positives
     assert fit_absence_margin(np.zeros(3), np.zeros(3, bool)) == 5.0
     assert fit_absence_margin(np.array([50.0]), np.array([False])) == 20.0  # the largest

@@ -129,6 +129,7 @@ def calibrate_run(
     rows: list[dict[str, Any]] = []
     errors: list[float] = []
     beyond: list[float] = []
+    spreads: list[float] = []
     outside: list[bool] = []
     for index, cid in enumerate(ids):
         original = ds.read_image(cid)
@@ -151,6 +152,8 @@ def calibrate_run(
                 ex = lms.extras.get(name, {})
                 b = ex.get("beyond_image_mm", np.nan)
                 beyond.append(float(b) if isinstance(b, int | float) else np.nan)
+                sp = ex.get("heatmap_spread_mm", np.nan)
+                spreads.append(float(sp) if isinstance(sp, int | float) else np.nan)
                 outside.append(bool(truth_out[row]))
                 if truth_out[row] or not lms.present[row]:
                     continue  # the coordinate of a landmark outside the image is not calibrated
@@ -171,7 +174,10 @@ def calibrate_run(
         fallback.absence_enabled = cal.absence_enabled
         fallback.stage, fallback.tta = cal.stage, False
     b_arr, o_arr = np.asarray(beyond), np.asarray(outside, dtype=bool)
+    flat = predictor.flat_spread_mm
     decided = b_arr > cal.absence_margin_mm
+    if flat is not None:  # the predictor's second rule: a flat heatmap is "not found"
+        decided |= np.asarray(spreads) > flat
     cal.stats.update(
         {
             "cases": ids,

@@ -38,7 +38,15 @@ Absence: the coarse regressor is not bounded to the grid (normalised ``|t| > 1``
 a landmark outside a cropped scan is predicted beyond the image. ``beyond_image_mm`` is the
 distance (mm) of the coarse or final estimate outside the image's voxel extent, whichever is
 larger; above the calibrated margin the landmark is reported absent (NaN row, ``missing_reason``
-"outside field of view (predicted X mm beyond the image)"). The decision is enabled when the
+"outside field of view (predicted X mm beyond the image)"). The margin is the middle of the
+validation's best-F1 plateau (a landmark predicted just past the border of a tight scan is not
+thrown away). A second rule catches the landmarks the coarse stage places inside the image
+although they are not there: the fine heatmap then has no peak, and its spread approaches
+that of a flat map over the patch. Above :func:`flat_heatmap_spread_mm` (80 % of a uniform
+map's spread around the patch centre, e.g. 19.2 mm for a 32³ patch of 1.5 mm; a geometric
+bound, because validation rarely holds such cases) the landmark is reported "not found". On
+the benchmark's cropped held-out scans no landmark inside the image had a spread above
+17 mm, and most of those outside it had 18-34 mm. The decision is enabled when the
 run's training/validation annotations contain landmarks outside their images (the model has
 learnt to extrapolate there); otherwise a prediction beyond the image is kept and flagged
 (``outside_image = 1``), unless the caller enables the decision explicitly.
@@ -82,14 +90,17 @@ __all__ = [
     "beyond_image_mm",
     "fit_absence_margin",
     "flag_above",
+    "flat_heatmap_spread_mm",
     "heatmap_spread_mm",
     "load_calibration",
+    "not_found_reason",
     "probability_key",
     "rank_correlation",
     "tta_offsets",
     "tta_spread",
 ]
 SPREAD_FLOOR = 0.2
+FLAT_FRACTION = 0.8
 MARGIN_CANDIDATES_MM = (0.0, 1.0, 2.0, 3.0, 5.0, 8.0, 12.0, 20.0)
 TTA_FRACTION = 0.125
 
@@ -237,6 +248,27 @@ def beyond_image_mm(geometry: Geometry, points: ArrayLike) -> FloatArray:
     return np.asarray(np.sqrt((excess**2).sum(axis=1)), dtype=np.float64)
 
 
+def flat_heatmap_spread_mm(
+    patch_size: Sequence[int], spacing_mm: ArrayLike, fraction: float = FLAT_FRACTION
+) -> float:
+    """Spread (mm) above which a patch heatmap counts as flat (the landmark is not in it).
+
+    ``fraction`` of the RMS distance of a uniform map over the patch from its centre,
+    ``sqrt(sum_i edge_i² / 12)`` with ``edge_i = size_i · spacing_i`` mm: a map that spreads
+    its weight nearly as widely as a uniform one has no peak to decode.
+    """
+    edges = np.asarray(patch_size, dtype=np.float64) * np.asarray(spacing_mm, dtype=np.float64)
+    return float(fraction * math.sqrt(float((edges**2).sum()) / 12.0))
+
+
+def not_found_reason(spread_mm: float, flat_mm: float) -> str:
+    """The ``missing_reason`` of a landmark whose heatmap has no peak."""
+    return (
+        f"not found in the image (flat heatmap: spread {spread_mm:.1f} mm > {flat_mm:.1f} mm); "
+        "likely outside the field of view"
+    )
+
+
 def absence_reason(beyond_mm: float) -> str:
     """The ``missing_reason`` of a landmark declared outside the field of view."""
     return f"outside field of view (predicted {beyond_mm:.1f} mm beyond the image)"
@@ -247,7 +279,8 @@ def fit_absence_margin(
 ) -> float:
     """The margin (mm) of the absence decision ``beyond > margin`` from validation points.
 
-    With landmarks truly outside: the candidate with the best F1 (ties: the larger margin).
+    With landmarks truly outside: the candidate with the best F1; of tied candidates the middle
+    one (upper median), i.e. the centre of the plateau between the two classes.
     Without: the smallest candidate >= ``default`` that declares no validation landmark absent
     (the largest candidate if none does).
     """
@@ -260,14 +293,14 @@ def fit_absence_margin(
             if m >= default and not (b > m).any():
                 return float(m)
         return float(max(MARGIN_CANDIDATES_MM[-1], default))
-    best, best_f1 = default, -1.0
+    scores = []
     for m in MARGIN_CANDIDATES_MM:
         pred = b > m
         tp = float((pred & t).sum())
-        f1 = 2 * tp / max(float(pred.sum() + t.sum()), 1.0)
-        if f1 >= best_f1:
-            best, best_f1 = m, f1
-    return float(best)
+        scores.append(2 * tp / max(float(pred.sum() + t.sum()), 1.0))
+    best = max(scores)
+    tied = [m for m, f1 in zip(MARGIN_CANDIDATES_MM, scores, strict=True) if f1 >= best - 1e-12]
+    return float(tied[len(tied) // 2])
 
 
 # ------------------------------------------------------------------------------ applying
@@ -278,9 +311,11 @@ def annotate_prediction(
     calibration: Calibration | None,
     absence: bool,
     margin_mm: float = DEFAULT_ABSENCE_MARGIN_MM,
+    flat_spread_mm: float | None = None,
 ) -> LandmarkSet:
     """Add ``beyond_image_mm`` (and, calibrated, the confidence fields) to every landmark;
-    with ``absence``, landmarks beyond ``margin_mm`` become missing (``absent = 1``).
+    with ``absence``, landmarks beyond ``margin_mm``, or (with ``flat_spread_mm``) whose
+    ``heatmap_spread_mm`` exceeds it, become missing (``absent = 1``).
 
     Args:
         landmarks: the prediction (LPS mm) with the raw-score extras.
@@ -299,6 +334,13 @@ def annotate_prediction(
         if absence and b > margin_mm:
             coords[row] = np.nan
             reasons[name] = absence_reason(b)
+            extras[name]["absent"] = 1
+            continue
+        value = extras[name].get("heatmap_spread_mm")
+        spread = float(value) if isinstance(value, int | float) else math.nan  # NaN: never flat
+        if absence and flat_spread_mm is not None and spread > flat_spread_mm:
+            coords[row] = np.nan
+            reasons[name] = not_found_reason(spread, flat_spread_mm)
             extras[name]["absent"] = 1
             continue
         if calibration is not None:

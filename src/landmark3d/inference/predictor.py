@@ -40,6 +40,7 @@ from landmark3d.inference.confidence import (
     DEFAULT_ABSENCE_MARGIN_MM,
     HeatmapCapture,
     annotate_prediction,
+    flat_heatmap_spread_mm,
     heatmap_spread_mm,
     load_calibration,
     tta_offsets,
@@ -110,8 +111,9 @@ class Predictor:
             calibration fitted with TTA scores predictions made without it with its TTA-free
             refit (``Calibration.without_tta``).
         calibrated: use ``RUN/calibration.json`` (if present and fitted for this stage).
-        absence: report landmarks predicted beyond the image as missing; None: as the
-            calibration says (on when the run was trained on cropped scans), else off.
+        absence: report landmarks predicted beyond the image, or whose fine heatmap is flat
+            (no peak: "not found"), as missing; None: as the calibration says (on when the
+            run was trained on cropped scans), else off.
         patch_batch: fine patches per forward pass and in memory at once (>= 1; see
             :func:`landmark3d.inference.steps.fine_predict`): bounds the memory whatever the
             number of landmarks; the predictions do not depend on it. Settable later as the
@@ -189,6 +191,11 @@ class Predictor:
         self.calibration = fitted.for_prediction(self.tta) if fitted is not None else None
         self.absence = bool(absence if absence is not None else (cal and cal.absence_enabled))
         self.absence_margin_mm = cal.absence_margin_mm if cal else DEFAULT_ABSENCE_MARGIN_MM
+        self.flat_spread_mm = (  # a fine heatmap this wide has no peak: "not found"
+            flat_heatmap_spread_mm(self.plan.patch_size, self.plan.fine_spacing_mm)
+            if stage != "coarse"
+            else None
+        )
 
     @property
     def landmark_names(self) -> list[str]:
@@ -238,7 +245,7 @@ class Predictor:
         landmarks = annotate_prediction(
             LandmarkSet(list(self.landmark_names), coords, extras=extras),
             coarse, prepared.canonical_geometry, self.calibration, self.absence,
-            self.absence_margin_mm,
+            self.absence_margin_mm, self.flat_spread_mm,
         )  # fmt: skip
         t4 = time.perf_counter()
         return Prediction(
