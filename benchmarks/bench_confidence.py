@@ -203,7 +203,7 @@ def _fmt(v: Any, digits: int = 2) -> str:
 
 
 def _markdown(
-    table: dict[str, dict[str, Any]], absence: dict[str, Any], meta: dict[str, Any]
+    table: dict[str, dict[str, Any]], absence: dict[str, dict[str, Any]], meta: dict[str, Any]
 ) -> str:
     cols = list(table)
     held = ", ".join(f"{k}: {len(v)} cases" for k, v in meta["held_out_cases"].items())
@@ -260,15 +260,19 @@ def _markdown(
         f"{_fmt(t['without_tta'])} s, with TTA {_fmt(t['with_tta'])} s "
         f"(ratio {_fmt(t['ratio'])}).",
         "",
-        f"## Absence ({meta['absence_on']}; margin {meta['absence_margin_mm']} mm)",
+        f"## Absence ({meta['absence_on']}; margin {meta['absence_margin_mm']} mm; flat "
+        f"heatmap above {_fmt(meta['flat_spread_mm'], 1)} mm)",
         "",
-        "| landmarks | truth outside | TP | FP | FN | precision | recall |",
-        "|---|---|---|---|---|---|---|",
-        f"| {absence['n_landmarks']} | {absence['n_truth_outside']} | {absence['true_positives']} "
-        f"| {absence['false_positives']} | {absence['false_negatives']} "
-        f"| {_fmt(absence['precision'])} | {_fmt(absence['recall'])} |",
-        "",
+        "| held-out scans | landmarks | truth outside | TP | FP | FN | precision | recall |",
+        "|---|---|---|---|---|---|---|---|",
     ]
+    for name, a in absence.items():
+        lines.append(
+            f"| {name} | {a['n_landmarks']} | {a['n_truth_outside']} | {a['true_positives']} "
+            f"| {a['false_positives']} | {a['false_negatives']} "
+            f"| {_fmt(a['precision'])} | {_fmt(a['recall'])} |"
+        )
+    lines.append("")
     return "\n".join(lines)
 
 
@@ -353,7 +357,13 @@ def main(argv: list[str] | None = None) -> int:
     timing = _seconds_per_case(run, ds, list(test_ids))
     seconds = time.perf_counter() - t0
     table = confidence_table(records)
-    absence = absence_metrics(absence_records)
+    fold_scans = "fold 0, every scan cropped" if args.run is not None else "fold 0"
+    absence = {fold_scans: absence_metrics(absence_records)}
+    extra_records = [r for r in records if r["set"] != "fold 0"]
+    if extra_records:
+        absence[f"new heads (seed {EXTRA_SEED}), {args.crop_fraction:.0%} cropped"] = (
+            absence_metrics(extra_records)
+        )
     cal = predictor.calibration
     fitted = load_calibration(run)
     meta = {
@@ -368,6 +378,7 @@ def main(argv: list[str] | None = None) -> int:
         "calibration": fitted.to_dict() if fitted is not None else None,
         "absence_on": "absence decision on" if predictor.absence else "absence decision off",
         "absence_margin_mm": predictor.absence_margin_mm,
+        "flat_spread_mm": predictor.flat_spread_mm,
         "machine": f"{platform.machine()}, {torch.get_num_threads()} torch threads, "
         f"torch {torch.__version__}",
         "command": "python benchmarks/bench_confidence.py " + " ".join(sys.argv[1:]),
