@@ -111,11 +111,13 @@ def test_fine_patches_in_chunks_give_the_same_landmarks(
             p.config.fine.decode, p.device, chunk, lambda row, heat, seen=seen: seen.append(row),
         )  # fmt: skip
         assert sorted(seen) == [r for r in range(len(names)) if r != 2]
-        assert max(batches) <= chunk  # memory bounded by the chunk, not the landmark count
+        # memory bounded by the chunk, not the landmark count; a single patch runs as a pair
+        # (engine.device.eval_forward: oneDNN's path, 6x faster on a CPU than a batch of one)
+        assert max(batches) <= max(chunk, 2)
         if sharing == "shared":  # one forward pass per chunk
-            assert batches == [min(chunk, 5 - i) for i in range(0, 5, chunk)]
+            assert batches == [max(min(chunk, 5 - i), 2) for i in range(0, 5, chunk)]
         else:  # every per-landmark U-Net gets its own patch
-            assert batches == [1] * 5
+            assert batches == [2] * 5
     for h in hooks:
         h.remove()
     world1, peaks1 = results[1]

@@ -122,8 +122,10 @@ def test_slice_combine_puts_the_group_on_one_canonical_slice(
     hidx = can.world_to_index(heat.landmarks.subset(list(PLANTED_GROUP)).coords)
     np.testing.assert_allclose(idx[:, 1:], hidx[:, 1:], atol=1e-6)
     assert abs(hidx[0, 0] - hidx[1, 0]) > 1e-3
-    np.testing.assert_array_equal(
-        heat.landmarks.subset(list(OTHERS)).coords, pred.landmarks.subset(list(OTHERS)).coords
+    np.testing.assert_allclose(  # unchanged, up to oneDNN's rounding at another thread count
+        heat.landmarks.subset(list(OTHERS)).coords,
+        pred.landmarks.subset(list(OTHERS)).coords,
+        atol=1e-4,
     )
 
 

@@ -18,6 +18,7 @@ from landmark3d.engine.device import (
     amp_enabled,
     autocast,
     channels_last_enabled,
+    eval_forward,
     grad_scaler,
     select_device,
     to_channels_last,
@@ -166,3 +167,45 @@ def test_amp_optimizer_step_with_bf16_autocast_and_fp16_scaler_on_cpu() -> None:
     weight = stage.models["net"][0].weight.detach().clone()
     value, _ = _optimizer_step(stage, Fed(nan_batch, 1.0, 4), env, "t", False)
     assert not np.isfinite(value) and torch.equal(weight, stage.models["net"][0].weight)
+
+
+class _Recorder(nn.Module):
+    """A 3D conv net returning a dict and a tuple, recording the batch sizes it saw."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv = nn.Conv3d(2, 3, 3, padding=1)
+        self.norm = nn.BatchNorm3d(3)
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> dict[str, object]:
+        self.seen.append(x.shape[0])
+        y = self.norm(self.conv(x))
+        return {"heatmaps": y, "parts": (y.mean(dim=(2, 3, 4)), [y.amax(dim=(2, 3, 4))])}
+
+
+def test_eval_forward_runs_a_single_cpu_input_as_a_pair_and_returns_one_item() -> None:
+    torch.manual_seed(0)
+    model = _Recorder()
+    model.norm.running_mean.uniform_(-1, 1)  # eval-mode statistics, not the identity
+    model.norm.running_var.uniform_(0.5, 2)
+    model.eval()
+    x = torch.randn(1, 2, 8, 8, 6)
+    with torch.no_grad():
+        direct = model(x)
+        padded = eval_forward(model, x)
+    assert model.seen == [1, 2]  # the second call ran a batch of two (oneDNN's path)
+    assert padded["heatmaps"].shape == direct["heatmaps"].shape == (1, 3, 8, 8, 6)
+    torch.testing.assert_close(padded["heatmaps"], direct["heatmaps"], rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(padded["parts"][0], direct["parts"][0], rtol=1e-5, atol=1e-5)
+    assert isinstance(padded["parts"], tuple) and isinstance(padded["parts"][1], list)
+    torch.testing.assert_close(padded["parts"][1][0], direct["parts"][1][0], rtol=1e-5, atol=1e-5)
+    # larger batches, other ranks and training mode are passed through untouched
+    model.seen.clear()
+    with torch.no_grad():
+        eval_forward(model, torch.randn(3, 2, 8, 8, 6))
+        model.train()
+        eval_forward(model, x)
+    assert model.seen == [3, 1]
+    flat = nn.Linear(4, 2).eval()
+    assert eval_forward(flat, torch.randn(1, 4)).shape == (1, 2)

@@ -111,13 +111,20 @@ def test_tta_spread_is_the_rms_distance_from_the_reference() -> None:
     np.testing.assert_allclose(offsets.sum(axis=0), 0.0, atol=1e-12)
     centers = np.array([[0.0, 0, 0], [10, 0, 0]])
 
-    def stable(c: np.ndarray) -> np.ndarray:  # first landmark ignores the centre
-        out = c.copy()
-        out[0] = [1.0, 2.0, 3.0]
-        return out
+    calls = []
+
+    def stable(sets: list[np.ndarray]) -> list[np.ndarray]:  # landmark 0 ignores the centre
+        calls.append(len(sets))
+        outs = [c.copy() for c in sets]
+        for out in outs:
+            out[0] = [1.0, 2.0, 3.0]
+        return outs
 
     s = tta_spread(stable, centers, np.array([[1.0, 2, 3], [10, 0, 0]]), offsets)
     assert s[0] == pytest.approx(0.0) and s[1] == pytest.approx(6.0)
+    assert calls == [4]  # every shift in one call: the networks batch them
+    with pytest.raises(ValueError, match="4 shifted centre sets but 3 answers"):
+        tta_spread(lambda sets: sets[:3], centers, centers, offsets)
 
 
 # ------------------------------------------------------------------------------ calibration

@@ -41,6 +41,7 @@ from landmark3d.geometry.space import Geometry, Volume
 from landmark3d.inference.steps import (
     GroupPrediction,
     correlated_predict,
+    correlated_predict_many,
     group_axis,
     reset_onto_key_slice,
 )
@@ -280,9 +281,10 @@ class StubGroupModel(nn.Module):
 
     def forward(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.inputs.append(x.clone())
-        out = {"heatmaps": self.heat.clone()}
+        b = x.shape[0]
+        out = {"heatmaps": self.heat.expand(b, *self.heat.shape[1:]).clone()}
         if self.profile is not None:
-            out["slice_profile"] = self.profile.clone()
+            out["slice_profile"] = self.profile.expand(b, -1).clone()
         return out
 
 
@@ -310,12 +312,33 @@ def test_combine_heatmap(axis: int) -> None:
     np.testing.assert_allclose(pred.peaks, 1.0, atol=1e-6)
     assert pred.slice_index == pytest.approx(11.0)
     # the model saw both patches together, cut on the shared key slice
-    (x,) = model.inputs
-    assert tuple(x.shape) == (1, 2, *PATCH)
+    (x,) = model.inputs  # one sample, run as a pair on the CPU (engine.device.eval_forward)
+    assert tuple(x.shape) == (2, 2, *PATCH) and torch.equal(x[0], x[1])
     for row, g in enumerate(grids):
         ref = Volume.from_sitk(resample(prepared.image, g, "linear", 0.0)).array
         np.testing.assert_allclose(x[0, row].numpy(), ref, atol=1e-5)
     assert grids[0].world_to_index(grids[1].origin)[axis] == pytest.approx(0.0, abs=1e-9)
+
+
+def test_many_centre_sets_in_one_batch_equal_separate_calls() -> None:
+    """Test-time augmentation runs K shifted centre sets as one batch of K."""
+    prepared, plan = _synthetic_case()
+    base = prepared.geometry.index_to_world(np.array([[14.0, 12.0, 9.0], [22.0, 20.0, 17.5]]))
+    sets = [base, base + np.array([1.5, -1.0, 0.5]), base + np.array([-2.0, 0.5, 1.0])]
+    model = StubGroupModel(np.array([[6.0, 5.0, 9.0], [10.0, 8.0, 4.0]]), 1, 9.0)
+    group = {"landmarks": ["a", "b"], "axis": "j"}
+    args = (plan, SIGMA_MM, "dark", "slice", CPU)
+    many = correlated_predict_many(model, group, prepared, sets, *args)
+    (x,) = model.inputs
+    assert tuple(x.shape) == (3, 2, *PATCH)  # one forward pass for the three sets
+    assert correlated_predict_many(model, group, prepared, [], *args) == []
+    for centers, got in zip(sets, many, strict=True):
+        one = correlated_predict(model, group, prepared, centers, *args)
+        np.testing.assert_allclose(got.world, one.world, atol=1e-9)
+        np.testing.assert_allclose(got.heatmap_world, one.heatmap_world, atol=1e-9)
+        assert got.slice_index == pytest.approx(one.slice_index)
+    # the shifted sets give shifted answers (each item decoded on its own patch grids)
+    assert not np.allclose(many[0].world, many[1].world)
 
 
 @pytest.mark.parametrize("axis", [0, 1, 2])

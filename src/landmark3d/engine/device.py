@@ -166,6 +166,34 @@ def to_channels_last(obj: Any) -> Any:
     raise TypeError(f"expected a tensor or module, got {type(obj).__name__}")
 
 
+def eval_forward(model: torch.nn.Module, x: torch.Tensor) -> Any:
+    """``model(x)`` for inference, with a batch of one 5-D CPU input run as a batch of two.
+
+    Measured with torch 2.13 on this project's CPU: a float32 ``Conv3d`` on a batch of one
+    takes torch's generic ``slow_conv3d`` path, while a batch of two goes to oneDNN — 6x faster
+    for a whole batch of *two* (a 3x3x3 conv on 8x32³: 17.7 ms vs 2.9 ms; the correlated
+    model on one sample: 0.25 s vs 0.09 s for the duplicated pair). So a single input is
+    duplicated and the first item of every output tensor kept. The model must be in eval mode
+    (batch norm on running statistics, so the copies do not interact); the result equals the
+    batch-of-one forward up to float rounding. Tensors and dicts/tuples/lists of tensors are
+    returned as the model returns them.
+    """
+    if x.ndim != 5 or x.shape[0] != 1 or x.device.type != "cpu" or model.training:
+        return model(x)
+    out = model(x.expand(2, *x.shape[1:]).contiguous())
+    return _first_item(out)
+
+
+def _first_item(out: Any) -> Any:
+    if isinstance(out, torch.Tensor):
+        return out[:1]
+    if isinstance(out, dict):
+        return {k: _first_item(v) for k, v in out.items()}
+    if isinstance(out, tuple | list):
+        return type(out)(_first_item(v) for v in out)
+    return out
+
+
 def set_num_threads(n: int | None) -> None:
     """Set the number of intra-op CPU threads torch uses; ``None`` keeps torch's default.
 

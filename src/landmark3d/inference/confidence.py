@@ -216,22 +216,26 @@ def tta_offsets(
 
 
 def tta_spread(
-    predict: Callable[[FloatArray], FloatArray],
+    predict: Callable[[list[FloatArray]], list[FloatArray]],
     centers: ArrayLike,
     reference: ArrayLike,
     offsets: ArrayLike,
 ) -> FloatArray:
-    """RMS distance (N,) mm of ``predict(centers + offset)`` from ``reference`` over offsets.
+    """RMS distance (N,) mm of the predictions from shifted centres to ``reference``.
 
-    ``predict`` maps patch centres (N, 3) LPS mm to positions (N, 3) (NaN where it has no
-    answer); a landmark NaN under any offset gets NaN.
+    ``predict`` maps a list of K centre sets (each (N, 3) LPS mm: ``centers + offset`` for
+    every offset) to K position arrays (N, 3) (NaN where it has no answer) — all shifts in one
+    call, so the networks can run them as one batch; a landmark NaN under any offset gets NaN.
     """
     c = np.asarray(centers, dtype=np.float64).reshape(-1, 3)
     ref = np.asarray(reference, dtype=np.float64).reshape(-1, 3)
     offs = np.asarray(offsets, dtype=np.float64).reshape(-1, 3)
+    answers = predict([c + off for off in offs])
+    if len(answers) != len(offs):
+        raise ValueError(f"{len(offs)} shifted centre sets but {len(answers)} answers")
     d2 = np.zeros(len(c))
-    for off in offs:
-        d2 += ((predict(c + off) - ref) ** 2).sum(axis=1)
+    for positions in answers:
+        d2 += ((np.asarray(positions, dtype=np.float64) - ref) ** 2).sum(axis=1)
     return np.asarray(np.sqrt(d2 / max(len(offs), 1)), dtype=np.float64)
 
 

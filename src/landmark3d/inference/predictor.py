@@ -50,6 +50,7 @@ from landmark3d.inference.steps import (
     DEFAULT_PATCH_BATCH,
     coarse_predict,
     correlated_predict,
+    correlated_predict_many,
     fine_predict,
 )
 from landmark3d.io.images import read_image
@@ -235,7 +236,9 @@ class Predictor:
         t3 = time.perf_counter()
         if self.tta and (self.fine_names or self.groups):
             offsets = tta_offsets(self.plan.patch_size, self.plan.fine_spacing_mm)
-            spread = tta_spread(lambda c: self._refined(prepared, c), coarse, coords, offsets)
+            spread = tta_spread(
+                lambda cs: self._refined_many(prepared, cs), coarse, coords, offsets
+            )
             for name, s in zip(self.landmark_names, spread.tolist(), strict=True):
                 if np.isfinite(s):
                     extras[name]["tta_spread_mm"] = round(float(s), 3)
@@ -289,12 +292,40 @@ class Predictor:
             out.append((list(group["landmarks"]), gp.world, gp.peaks, spreads, f"correlated:{key}"))
         return out
 
-    def _refined(self, prepared: PreparedCase, centers: np.ndarray) -> np.ndarray:
-        """Refined positions (N, 3) LPS mm from patch centres (N, 3); NaN rows for landmarks
-        no fine/correlated model refines."""
-        out = np.full((len(self.landmark_names), 3), np.nan)
-        for names, world, _, _, _ in self._refine(prepared, centers):
-            for name, p in zip(names, world, strict=True):
-                if np.isfinite(p).all():
-                    out[self.landmark_names.index(name)] = p
+    def _refined_many(
+        self, prepared: PreparedCase, center_sets: list[np.ndarray]
+    ) -> list[np.ndarray]:
+        """Refined positions (N, 3) LPS mm for each of K sets of patch centres (N, 3), NaN rows
+        for landmarks no fine/correlated model refines (test-time augmentation).
+
+        All K sets go through each network together: the fine patches landmark by landmark
+        (a model's K patches share a chunk of ``patch_batch``), each correlated group as one
+        batch of K — several times faster on a CPU than K separate passes.
+        """
+        k, n = len(center_sets), len(self.landmark_names)
+        out = [np.full((n, 3), np.nan) for _ in range(k)]
+        f = self.config.fine
+        grouped = {name for group in self.groups for name in group["landmarks"]}
+        fine_names = [name for name in self.fine_names if name not in grouped]  # else overridden
+        if fine_names:
+            rows = [self.landmark_names.index(name) for name in fine_names]
+            names = [name for name in fine_names for _ in range(k)]
+            centers = np.stack([c[r] for r in rows for c in center_sets])
+            fine, _ = fine_predict(
+                self.fine, self.routes, names, prepared, centers, self.plan, f.sigma_mm,
+                f.decode, self.device, max(self.patch_batch, k),
+            )  # fmt: skip
+            for i, r in enumerate(rows):
+                for j in range(k):
+                    out[j][r] = fine[i * k + j]
+        for g, group in enumerate(self.groups):
+            rows = [self.landmark_names.index(name) for name in group["landmarks"]]
+            gps = correlated_predict_many(
+                self.group_models[f"group{g}"], group, prepared, [c[rows] for c in center_sets],
+                self.plan, f.sigma_mm, f.decode, self.config.correlated.combine, self.device,
+            )  # fmt: skip
+            for j, gp in enumerate(gps):
+                for r, position in zip(rows, gp.world, strict=True):
+                    if np.isfinite(position).all():
+                        out[j][r] = position
         return out
