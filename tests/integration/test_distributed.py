@@ -321,3 +321,32 @@ def test_resume_restores_timing_rows(tmp_path: Path) -> None:
     res = fit(LinearStage(), tcfg(3), tmp_path, resume=True, progress=False)
     assert [t["epoch"] for t in res.timing] == [1, 2, 3]
     assert len((tmp_path / "timing.csv").read_text().splitlines()) == 4
+
+
+def test_a_single_sample_per_process_under_batch_norm_is_refused_before_training(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A coarse ResNet (batch norm) cannot train on one sample per process: refused with the
+    fix before anything is written, instead of torch's mid-epoch "Expected more than 1 value
+    per channel"."""
+    import landmark3d.engine.trainer as trainer
+    from landmark3d.engine.distributed import check_batch_norm_shares
+    from landmark3d.networks.coarse import CoarseRegressor
+
+    resnet = {"coarse": CoarseRegressor(2, [4, 4, 8, 8], [1, 1, 1, 1])}
+    check_batch_norm_shares("coarse", resnet, [4, 5], 2)  # 2/2 and 3/2: fine
+    check_batch_norm_shares("coarse", resnet, [6], 3)  # 2/2/2
+    check_batch_norm_shares("coarse", resnet, [1, 3], 1)  # one process: no split
+    check_batch_norm_shares("linear", {"net": nn.Linear(4, 2)}, [3], 2)  # no batch norm
+    with pytest.raises(ConfigError) as info:
+        check_batch_norm_shares("coarse", resnet, [4, 3], 2)  # 3 -> 2/1
+    assert "batches of 3 sample(s) split over 2 processes" in str(info.value)
+    assert "coarse.batch_size=4" in str(info.value.fix)
+
+    stage = LinearStage()
+    stage.models["net"] = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))
+    stage.batch_sizes = lambda: [5, 5, 5, 5, 4]  # type: ignore[attr-defined]
+    monkeypatch.setattr(trainer, "init_distributed", lambda device: DistContext(0, 4, 0))
+    with pytest.raises(ConfigError, match="the linear stage"):
+        fit(stage, tcfg(1), tmp_path / "run", progress=False)  # 5 over 4: 2/1/1/1
+    assert not (tmp_path / "run").exists()  # refused before the run directory was made

@@ -252,6 +252,42 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def check_batch_norm_shares(
+    stage: str, models: Mapping[str, nn.Module], batch_sizes: Iterable[int], world: int
+) -> None:
+    """Refuse, before training, a split that gives a process exactly one sample of a batch
+    while the stage's networks use batch norm (which cannot train on one sample per channel:
+    torch would fail mid-epoch with "Expected more than 1 value per channel").
+
+    Args:
+        stage: the stage name (the config section, e.g. "coarse").
+        models: the stage's networks.
+        batch_sizes: the sizes of the epoch's global batches.
+        world: number of processes.
+
+    Raises:
+        ConfigError: naming the batch size and the fix.
+    """
+    if world < 2 or not any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for model in models.values()
+        for m in model.modules()
+    ):
+        return
+    sizes = sorted(set(batch_sizes))
+    bad = [b for b in sizes if any(
+        shard_range(b, r, world)[1] - shard_range(b, r, world)[0] == 1 for r in range(world)
+    )]  # fmt: skip
+    if bad:
+        raise ConfigError(
+            f"the {stage} stage's batches of {', '.join(map(str, bad))} sample(s) split over "
+            f"{world} processes give a process a single sample, and the {stage} network's "
+            "batch norm needs at least 2 per process.",
+            fix=f"set {stage}.batch_size to a multiple of {world} of at least {2 * world} "
+            f"(e.g. --set {stage}.batch_size={2 * world}), or run fewer processes.",
+        )
+
+
 def _leaves(batch: Any) -> Iterator[torch.Tensor | np.ndarray]:
     if isinstance(batch, torch.Tensor | np.ndarray):
         yield batch

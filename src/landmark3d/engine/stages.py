@@ -134,8 +134,12 @@ class _StageBase:
         return out
 
     def n_batches(self, epoch: int) -> int | None:
+        return len(self.batch_sizes())
+
+    def batch_sizes(self) -> list[int]:
+        """Sizes of an epoch's global training batches (the same every epoch)."""
         n = self.section.samples_per_epoch or len(self.train_ids)
-        return len(_batches(["x"] * n, self.section.batch_size))
+        return [len(b) for b in _batches(["x"] * n, self.section.batch_size)]
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {

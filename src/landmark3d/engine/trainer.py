@@ -68,6 +68,7 @@ from landmark3d.engine.distributed import (
     Prefetcher,
     agree,
     broadcast_state,
+    check_batch_norm_shares,
     feed,
     init_distributed,
     on_main,
@@ -479,6 +480,9 @@ def fit(
     """
     out = Path(out_dir)
     ctx = init_distributed(cfg.device)  # no-op unless torchrun started several processes
+    sizes = getattr(stage, "batch_sizes", None)
+    if ctx.is_distributed and callable(sizes):  # before any work: a clear error, not a crash
+        check_batch_norm_shares(stage.name, stage.models, sizes(), ctx.world_size)
 
     def prepare() -> None:
         out.mkdir(parents=True, exist_ok=True)
