@@ -29,28 +29,20 @@ CPU stays float32.
 from __future__ import annotations
 
 import contextlib
-import csv
-import io
 import math
 import random
-import shutil
-import signal
-import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
-from datetime import datetime
 from pathlib import Path
-from types import FrameType
 from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from torch import nn
 
-from landmark3d.engine.checkpoint import checkpoint_exists, load_checkpoint, save_checkpoint
+from landmark3d.engine.checkpoint import load_checkpoint
 from landmark3d.engine.device import (
     amp_dtype,
     amp_enabled,
@@ -76,8 +68,15 @@ from landmark3d.engine.distributed import (
     sync_gradients,
     unique_parameters,
 )
-from landmark3d.errors import CheckpointError, ConfigError, OutputExistsError
-from landmark3d.io.atomic import atomic_write_text
+from landmark3d.engine.run_files import (
+    EpochWriter,
+    RunLog,
+    SignalGuard,
+    prepare_run_dir,
+    progress_bar,
+    write_metrics_csv,
+)
+from landmark3d.errors import ConfigError
 
 AutocastFactory = Callable[[], contextlib.AbstractContextManager[Any]]
 
@@ -236,79 +235,6 @@ class TrainingInterrupted(KeyboardInterrupt):
     """Training stopped on SIGINT/SIGTERM; the last complete checkpoint is intact."""
 
 
-class _RunLog:
-    """Append-only, timestamped ``train.log`` (flushed per line), echoed to a console.
-
-    With ``path=None`` (ranks other than 0) nothing is written or echoed.
-    """
-
-    def __init__(self, path: Path | None, console: Console | None) -> None:
-        self.path = path
-        self.console = console
-
-    def size(self) -> int:
-        return self.path.stat().st_size if self.path and self.path.exists() else 0
-
-    def truncate(self, size: int) -> int:
-        """Cut the log back to ``size`` bytes; returns the number of bytes removed."""
-        if self.path is None:
-            return 0
-        current = self.size()
-        if current > size:
-            with open(self.path, "r+b") as fh:
-                fh.truncate(size)
-        return max(current - size, 0)
-
-    def write(self, message: str) -> None:
-        if self.path is None:
-            return
-        stamp = datetime.now().isoformat(timespec="seconds")
-        with open(self.path, "a", encoding="utf-8") as fh:
-            fh.write(f"{stamp} {message}\n")
-        if self.console is not None:
-            self.console.log(message, markup=False, highlight=False)
-
-
-class _SignalGuard:
-    """Turn the first SIGINT/SIGTERM into a stop request; a second one aborts at once."""
-
-    def __init__(self) -> None:
-        self.received: str | None = None
-        self._previous: dict[int, Any] = {}
-
-    def _handler(self, signum: int, frame: FrameType | None) -> None:
-        if self.received is not None:
-            self.restore()
-            raise KeyboardInterrupt(f"second {signal.Signals(signum).name}: aborting")
-        self.received = signal.Signals(signum).name
-
-    def __enter__(self) -> _SignalGuard:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def restore(self) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
-
-    def __exit__(self, *exc: object) -> None:
-        self.restore()
-
-
-def _write_metrics_csv(path: Path, rows: list[dict[str, Any]]) -> None:
-    columns: list[str] = []
-    for row in rows:
-        columns += [k for k in row if k not in columns]
-    buf = io.StringIO()
-    writer = csv.DictWriter(buf, fieldnames=columns, restval="", lineterminator="\n")
-    writer.writeheader()
-    for row in rows:
-        writer.writerow({k: repr(v) if isinstance(v, float) else v for k, v in row.items()})
-    atomic_write_text(path, buf.getvalue())
-
-
 def _better(value: float, best: float | None, mode: str) -> bool:
     if not math.isfinite(value):
         return False
@@ -383,70 +309,6 @@ def _optimizer_step(
     return value, stop
 
 
-@dataclass
-class _EpochWriter:
-    """Rank 0's end-of-epoch writes: log line, metrics.csv, timing.csv, checkpoints."""
-
-    out: Path
-    log: _RunLog
-    models: dict[str, nn.Module]
-    optimizers: dict[str, torch.optim.Optimizer]
-    schedulers: dict[str, Any]
-    scalers: dict[str, Any]
-    meta: dict[str, Any]
-
-    def write(self, line: str, state: dict[str, Any], improved: bool) -> None:
-        self.log.write(line)
-        _write_metrics_csv(self.out / "metrics.csv", state["history"])
-        _write_metrics_csv(self.out / "timing.csv", state["timing"])
-        state = {**state, "log_bytes": self.log.size()}
-        ckpts = self.out / "checkpoints"
-        if improved:  # best before last: a crash in between redoes this epoch on resume
-            save_checkpoint(ckpts / "best", self.models, state=state, meta=self.meta)
-        save_checkpoint(
-            ckpts / "last", self.models, self.optimizers, self.schedulers, self.scalers,
-            state, self.meta,
-        )  # fmt: skip
-
-
-@contextlib.contextmanager
-def _progress_bar(enabled: bool, console: Console) -> Iterator[Progress]:
-    with Progress(
-        TextColumn("{task.description}"),
-        BarColumn(),
-        MofNCompleteColumn(),
-        TimeElapsedColumn(),
-        TextColumn("{task.fields[info]}"),
-        console=console,
-        disable=not enabled,
-        transient=False,
-    ) as prog:
-        yield prog
-
-
-def _prepare_run_dir(out: Path, resume: bool, overwrite: bool) -> None:
-    last = out / "checkpoints" / "last"
-    files = ("metrics.csv", "train.log", "timing.csv")
-    leftovers = [p for p in (out / "checkpoints", *(out / f for f in files)) if p.exists()]
-    if resume:
-        if not checkpoint_exists(last):
-            raise CheckpointError(
-                "cannot resume: no checkpoint 'last' in this run directory.",
-                path=last,
-                fix="start the run without --resume, or point to the run directory you resume.",
-            )
-    elif leftovers:
-        if not overwrite:
-            raise OutputExistsError(
-                "the run directory already holds a training run.",
-                path=out,
-                fix="resume it (--resume), pass --overwrite to start again, or choose another output.",
-            )
-        shutil.rmtree(out / "checkpoints", ignore_errors=True)
-        for name in files:
-            (out / name).unlink(missing_ok=True)
-
-
 def fit(
     stage: Stage,
     cfg: TrainerConfig,
@@ -486,13 +348,13 @@ def fit(
 
     def prepare() -> None:
         out.mkdir(parents=True, exist_ok=True)
-        _prepare_run_dir(out, resume, overwrite)
+        prepare_run_dir(out, resume, overwrite)
 
     on_main(prepare, ctx)
     last_path, best_path = out / "checkpoints" / "last", out / "checkpoints" / "best"
     console = Console(stderr=True, log_path=False)
     show = progress and console.is_terminal and ctx.is_main
-    log = _RunLog(out / "train.log" if ctx.is_main else None, console if show else None)
+    log = RunLog(out / "train.log" if ctx.is_main else None, console if show else None)
 
     set_num_threads(cfg.num_threads)
     seed_everything(cfg.seed, deterministic=cfg.deterministic)
@@ -535,8 +397,8 @@ def fit(
 
         def rewind() -> None:
             removed = log.truncate(int(state.get("log_bytes", 0)))
-            _write_metrics_csv(out / "metrics.csv", history)
-            _write_metrics_csv(out / "timing.csv", timing)
+            write_metrics_csv(out / "metrics.csv", history)
+            write_metrics_csv(out / "timing.csv", timing)
             log.write(
                 f"resumed {stage.name} from {last_path} after epoch {start} "
                 f"(step {global_step}; {removed} bytes of log from the unfinished run removed)"
@@ -554,7 +416,7 @@ def fit(
     completed = start
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
     resume_hint = f"resume with fit(..., resume=True) / `landmark3d train --resume` on {out}"
-    with _SignalGuard() as guard, _progress_bar(show, console) as bar:
+    with SignalGuard() as guard, progress_bar(show, console) as bar:
         for epoch in range(start, end):
             t0 = time.monotonic()
             random.seed(cfg.seed * 1000 + epoch)
@@ -671,7 +533,7 @@ def fit(
                 "history": history,
                 "timing": timing,
             }
-            saver = _EpochWriter(out, log, stage.models, optimizers, schedulers, scalers, meta)
+            saver = EpochWriter(out, log, stage.models, optimizers, schedulers, scalers, meta)
             on_main(lambda: saver.write(line, state_out, improved), ctx)  # noqa: B023
             completed = epoch + 1
             bar.remove_task(task)
