@@ -38,7 +38,7 @@ from landmark3d.engine.checkpoint import (
     load_weights_only,
     read_checkpoint_meta,
 )
-from landmark3d.engine.device import select_device
+from landmark3d.engine.device import eval_forward, select_device
 from landmark3d.engine.run import make_split
 from landmark3d.engine.stages import _StageBase, make_optimizer, make_scheduler
 from landmark3d.engine.trainer import AutocastFactory, TrainerConfig, TrainResult, fit
@@ -141,7 +141,8 @@ def onestage_predict(
     was_training = model.training
     model.eval()
     try:
-        heat = model(torch.from_numpy(image[None, None]).to(device)).float().cpu().numpy()[0]
+        x = torch.from_numpy(image[None, None]).to(device)
+        heat = eval_forward(model, x).float().cpu().numpy()[0]  # the predictor's CPU fast path
     finally:
         model.train(was_training)
     world, peaks = decode_world(heat, geom, cfg.sigma_mm, method=cfg.decode)
