@@ -118,6 +118,8 @@ def test_torchscript_export_covers_every_network_with_parity(
     corr = next(e for e in manifest["networks"] if e["kind"] == "correlated")
     assert [o["name"] for o in corr["outputs"]] == ["heatmaps", "slice_profile"]
     _assert_parity(ts_export, manifest, nets, "torchscript")
+    readme = (ts_export / "README.md").read_text()
+    assert "torch.jit.load" in readme and "at least 2 items per call" in readme
 
 
 def test_checksums_file_and_tampering(ts_export: Path, tmp_path: Path) -> None:

@@ -283,6 +283,14 @@ def readme_text(manifest: Mapping[str, Any]) -> str:
             f"np.zeros(({shape}), np.float32)}})",
         ]
     lines += ["```", ""]
+    if fmt == "torchscript":
+        lines += [
+            "On a CPU, feed at least 2 items per call where you can (e.g. a case's patches "
+            "together, or one item twice): PyTorch runs a batch of one 3D convolution on a "
+            "generic path about 6x slower than a batch of two (landmark3d's own predictor "
+            "does this; see `landmark3d.engine.device.eval_forward`).",
+            "",
+        ]
     return "\n".join(lines)
 
 
