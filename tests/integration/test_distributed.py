@@ -326,22 +326,42 @@ def test_resume_restores_timing_rows(tmp_path: Path) -> None:
 def test_a_single_sample_per_process_under_batch_norm_is_refused_before_training(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """A coarse ResNet (batch norm) cannot train on one sample per process: refused with the
-    fix before anything is written, instead of torch's mid-epoch "Expected more than 1 value
-    per channel"."""
+    """A network whose batch norm would see one value per channel cannot train on one sample
+    per process: refused with a fix that works, before anything is written, instead of torch's
+    mid-epoch "Expected more than 1 value per channel". Splits that do train are let through."""
     import landmark3d.engine.trainer as trainer
-    from landmark3d.engine.distributed import check_batch_norm_shares
+    from landmark3d.engine.batching import batch_sizes
+    from landmark3d.engine.distributed import check_batch_norm_shares, fails_on_one_sample
     from landmark3d.networks.coarse import CoarseRegressor
 
-    resnet = {"coarse": CoarseRegressor(2, [4, 4, 8, 8], [1, 1, 1, 1])}
-    check_batch_norm_shares("coarse", resnet, [4, 5], 2)  # 2/2 and 3/2: fine
-    check_batch_norm_shares("coarse", resnet, [6], 3)  # 2/2/2
-    check_batch_norm_shares("coarse", resnet, [1, 3], 1)  # one process: no split
-    check_batch_norm_shares("linear", {"net": nn.Linear(4, 2)}, [3], 2)  # no batch norm
+    net = CoarseRegressor(2, [4, 4, 8, 8], [1, 1, 1, 1])
+    # the ResNet's last stage is 1x1x1 on a 32³ input (one value per channel), 2x2x2 on 64³
+    assert fails_on_one_sample(net, (1, 32, 32, 32))
+    assert not fails_on_one_sample(net, (1, 48, 48, 48))
+    assert not fails_on_one_sample(net, (1, 64, 64, 64))
+    assert fails_on_one_sample(net, None)  # cannot be told: refuse rather than crash
+    assert not fails_on_one_sample(nn.Linear(4, 2), None)  # no batch norm
+    assert next(net.parameters()).device.type == "cpu"  # the probe used a meta copy
+    # the premise, for real: one 32³ sample fails in training mode, one 64³ sample trains
+    with pytest.raises(ValueError, match="Expected more than 1 value per channel"):
+        net.train()(torch.zeros(1, 1, 32, 32, 32))
+    net(torch.zeros(1, 1, 64, 64, 64)).sum().backward()
+
+    resnet = {"coarse": net}
+    small, large = {"coarse": (1, 32, 32, 32)}, {"coarse": (1, 64, 64, 64)}
+    check_batch_norm_shares("coarse", resnet, small, [4, 5], 2)  # 2/2 and 3/2: fine
+    check_batch_norm_shares("coarse", resnet, small, [6], 3)  # 2/2/2
+    check_batch_norm_shares("coarse", resnet, small, [1, 3], 1)  # one process: no split
+    check_batch_norm_shares("coarse", resnet, large, [4, 3], 2)  # 2/1, but 64³ trains on one
+    check_batch_norm_shares("linear", {"net": nn.Linear(4, 2)}, {}, [3], 2)  # no batch norm
     with pytest.raises(ConfigError) as info:
-        check_batch_norm_shares("coarse", resnet, [4, 3], 2)  # 3 -> 2/1
-    assert "batches of 3 sample(s) split over 2 processes" in str(info.value)
-    assert "coarse.batch_size=4" in str(info.value.fix)
+        check_batch_norm_shares("coarse", resnet, small, batch_sizes(7, 4), 2)  # 4, 3 -> 2/1
+    assert "batches of 3 sample(s) (of 7 per epoch) split over 2 processes" in str(info.value)
+    fix = str(info.value.fix)
+    assert "--set coarse.batch_size=6" in fix and "--set coarse.samples_per_epoch=8" in fix
+    # the suggested settings do pass the check
+    check_batch_norm_shares("coarse", resnet, small, batch_sizes(7, 6), 2)  # 7 -> 4/3
+    check_batch_norm_shares("coarse", resnet, small, batch_sizes(8, 4), 2)  # 2/2, 2/2
 
     stage = LinearStage()
     stage.models["net"] = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.Linear(8, 2))

@@ -220,6 +220,12 @@ def test_onestage_targets_sit_on_the_landmarks_in_world_mm(
     world, _ = decode_world(heat[0], geom, stage.onestage.sigma_mm)
     err = np.linalg.norm(world - prepared.landmarks.coords, axis=1)
     assert np.nanmax(err) < 0.1 * max(geom.spacing), err
+    # the epoch's batch sizes (what distributed training checks before it starts) are those
+    # of the batches it draws: every training case once, no trailing batch of one
+    sizes = stage.batch_sizes()
+    drawn = [len(b[0]) for b in stage.train_batches(0, np.random.default_rng(4))]
+    assert sizes == drawn and sum(sizes) == len(split.train) and 1 not in sizes
+    assert stage.n_batches(0) == len(sizes)
 
 
 def test_onestage_trains_and_predicts_world_coordinates(phantom_dir: Path, tmp_path: Path) -> None:

@@ -33,6 +33,7 @@ import torch
 from landmark3d.config import ExperimentConfig
 from landmark3d.data.dataset import Dataset
 from landmark3d.data.preprocess import CaseCache, PreparedCase, coarse_sample, prepare_case
+from landmark3d.engine.batching import batch_sizes, split_batches
 from landmark3d.engine.checkpoint import (
     checkpoint_exists,
     load_weights_only,
@@ -186,16 +187,14 @@ class OneStageStage(_StageBase):
 
     def _batches(self, rng: np.random.Generator) -> list[list[str]]:
         order = [self.train_ids[i] for i in rng.permutation(len(self.train_ids))]
-        bs = self.onestage.batch_size
-        out = [order[i : i + bs] for i in range(0, len(order), bs)]
-        if len(out) > 1 and len(out[-1]) == 1:  # batch-1 3D convolutions are slow on CPU
-            out[-2].extend(out.pop())
-        return out
+        return split_batches(order, self.onestage.batch_size)
+
+    def batch_sizes(self) -> list[int]:
+        """Sizes of an epoch's global training batches (every training case once)."""
+        return batch_sizes(len(self.train_ids), self.onestage.batch_size)
 
     def n_batches(self, epoch: int) -> int | None:
-        n, bs = len(self.train_ids), self.onestage.batch_size
-        full, rest = divmod(n, bs)
-        return full + (1 if rest > 1 or (rest == 1 and full == 0) else 0)
+        return len(self.batch_sizes())
 
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]:
         sigma = self.onestage.sigma_mm

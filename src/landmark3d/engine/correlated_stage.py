@@ -27,10 +27,10 @@ import torch
 
 from landmark3d.config import CorrelatedConfig
 from landmark3d.data.preprocess import PreparedCase, centre_jitter_sd, intensity_augment
+from landmark3d.engine.batching import split_batches
 from landmark3d.engine.distributed import shard_range
 from landmark3d.engine.stages import (
     VALIDATION_SEED,
-    _batches,
     _epoch_order,
     _StageBase,
 )
@@ -129,7 +129,7 @@ class CorrelatedStage(_StageBase):
         aug = self.config.augment
         intensity = aug.intensity if aug.enabled else 0.0
         order = _epoch_order(self.train_ids, rng, k.samples_per_epoch)
-        for ids in _batches(order, k.batch_size):
+        for ids in split_batches(order, k.batch_size):
             batch: dict[str, tuple[list[np.ndarray], list[np.ndarray], list[np.ndarray]]] = {}
             for cid in ids:
                 prepared = self.case(cid)

@@ -31,6 +31,7 @@ on rank 0 never leaves the others waiting in a collective.
 from __future__ import annotations
 
 import contextlib
+import copy
 import os
 import queue
 import threading
@@ -45,6 +46,7 @@ import torch.distributed as dist
 from torch import nn
 
 from landmark3d import errors
+from landmark3d.engine import batching
 from landmark3d.errors import ConfigError, Landmark3dError
 
 T = TypeVar("T")
@@ -252,40 +254,103 @@ def shard_range(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+def has_batch_norm(models: Mapping[str, nn.Module]) -> bool:
+    """Whether any of ``models`` contains a batch-norm layer."""
+    return any(
+        isinstance(m, nn.modules.batchnorm._BatchNorm)
+        for model in models.values()
+        for m in model.modules()
+    )
+
+
+def _meta_copy(model: nn.Module) -> nn.Module:
+    """A copy of ``model`` on the meta device (shapes only: no weights copied, no memory)."""
+    memo: dict[int, Any] = {}
+    for t in [*model.parameters(), *model.buffers()]:
+        empty = torch.empty_like(t, device="meta")
+        memo[id(t)] = nn.Parameter(empty, t.requires_grad) if isinstance(t, nn.Parameter) else empty
+    return copy.deepcopy(model, memo)
+
+
+def fails_on_one_sample(model: nn.Module, sample_shape: Sequence[int] | None) -> bool:
+    """Whether training ``model`` on a batch of one sample of ``sample_shape`` (without the
+    batch axis, e.g. ``(1, 64, 64, 64)``) fails in batch norm.
+
+    Batch norm fails only where a layer sees a single value per channel — one sample *and* a
+    1x1x1 feature map (e.g. a ResNet's last stage on a 32³ input; a 64³ input leaves 2x2x2
+    there and trains on one sample). Found by a forward pass on the meta device (shapes only,
+    no computation). Without a shape it cannot be told, and the answer is True (refuse rather
+    than crash mid-epoch); a probe that fails for another reason answers False (training would
+    then fail with torch's own error, as it would without this check).
+    """
+    if not has_batch_norm({"m": model}):
+        return False
+    if sample_shape is None:
+        return True
+    probe = _meta_copy(model).train()
+    try:
+        probe(torch.empty((1, *(int(s) for s in sample_shape)), device="meta"))
+    except ValueError as e:
+        return "Expected more than 1 value per channel" in str(e)
+    except Exception:  # an operation without a meta kernel: cannot be told here
+        return False
+    return False
+
+
+def _gives_a_single(size: int, world: int) -> bool:
+    return any(
+        shard_range(size, r, world)[1] - shard_range(size, r, world)[0] == 1 for r in range(world)
+    )
+
+
 def check_batch_norm_shares(
-    stage: str, models: Mapping[str, nn.Module], batch_sizes: Iterable[int], world: int
+    stage: str,
+    models: Mapping[str, nn.Module],
+    sample_shapes: Mapping[str, Sequence[int]],
+    batch_sizes: Sequence[int],
+    world: int,
 ) -> None:
     """Refuse, before training, a split that gives a process exactly one sample of a batch
-    while the stage's networks use batch norm (which cannot train on one sample per channel:
-    torch would fail mid-epoch with "Expected more than 1 value per channel").
+    when one of the stage's networks cannot train on one sample (batch norm seeing a single
+    value per channel: torch would fail mid-epoch with "Expected more than 1 value per
+    channel"; see :func:`fails_on_one_sample`).
 
     Args:
         stage: the stage name (the config section, e.g. "coarse").
         models: the stage's networks.
-        batch_sizes: the sizes of the epoch's global batches.
+        sample_shapes: per network, the shape of one training input without the batch axis
+            (networks missing here are assumed to fail on one sample if they use batch norm).
+        batch_sizes: the sizes of the epoch's global batches, in order.
         world: number of processes.
 
     Raises:
-        ConfigError: naming the batch size and the fix.
+        ConfigError: naming the batch sizes and a setting that avoids them.
     """
-    if world < 2 or not any(
-        isinstance(m, nn.modules.batchnorm._BatchNorm)
-        for model in models.values()
-        for m in model.modules()
-    ):
+    if world < 2:
         return
-    sizes = sorted(set(batch_sizes))
-    bad = [b for b in sizes if any(
-        shard_range(b, r, world)[1] - shard_range(b, r, world)[0] == 1 for r in range(world)
-    )]  # fmt: skip
-    if bad:
-        raise ConfigError(
-            f"the {stage} stage's batches of {', '.join(map(str, bad))} sample(s) split over "
-            f"{world} processes give a process a single sample, and the {stage} network's "
-            "batch norm needs at least 2 per process.",
-            fix=f"set {stage}.batch_size to a multiple of {world} of at least {2 * world} "
-            f"(e.g. --set {stage}.batch_size={2 * world}), or run fewer processes.",
-        )
+    bad = sorted({b for b in batch_sizes if _gives_a_single(b, world)})
+    if not bad:
+        return
+    failing = [k for k, m in models.items() if fails_on_one_sample(m, sample_shapes.get(k))]
+    if not failing:
+        return
+    n, current = sum(batch_sizes), max(batch_sizes)
+    fixes = [
+        b
+        for b in range(world * max(2, -(-current // world)), n + 1, world)
+        if not any(_gives_a_single(s, world) for s in batching.batch_sizes(n, b))
+    ]
+    options = [f"--set {stage}.batch_size={fixes[0]}"] if fixes else []
+    if current % world == 0 and current >= 2 * world:  # only the epoch's last batch is short
+        options.append(f"--set {stage}.samples_per_epoch={-(-n // current) * current}")
+    options.append("fewer processes")
+    raise ConfigError(
+        f"the {stage} stage's batches of {', '.join(map(str, bad))} sample(s) (of {n} "
+        f"per epoch) split over {world} processes give a process a single sample, and the "
+        f"{stage} network ({', '.join(failing)}) cannot train on one sample: its batch norm "
+        "would see one value per channel.",
+        fix="use " + "; or ".join(options) + ".",
+    )
 
 
 def _leaves(batch: Any) -> Iterator[torch.Tensor | np.ndarray]:

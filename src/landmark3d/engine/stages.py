@@ -34,6 +34,7 @@ from landmark3d.data.preprocess import (
     coarse_sample,
     fine_training_sample,
 )
+from landmark3d.engine.batching import batch_sizes, split_batches
 from landmark3d.engine.trainer import AutocastFactory, TrainerConfig
 from landmark3d.geometry.heatmap import gaussian_heatmaps
 from landmark3d.inference.steps import coarse_predict, fine_predict
@@ -71,15 +72,6 @@ def _epoch_order(ids: Sequence[str], rng: np.random.Generator, n: int | None) ->
     reps = math.ceil(n / len(ids))
     order = np.concatenate([rng.permutation(len(ids)) for _ in range(reps)])[:n]
     return [ids[i] for i in order]
-
-
-def _batches(items: list[str], batch_size: int) -> list[list[str]]:
-    """Split ``items`` into batches; a trailing batch of 1 joins the previous one (batch-1 3D
-    convolutions are disproportionately slow on CPU)."""
-    out = [items[i : i + batch_size] for i in range(0, len(items), batch_size)]
-    if len(out) > 1 and len(out[-1]) == 1:
-        out[-2].extend(out.pop())
-    return out
 
 
 class _StageBase:
@@ -139,7 +131,7 @@ class _StageBase:
     def batch_sizes(self) -> list[int]:
         """Sizes of an epoch's global training batches (the same every epoch)."""
         n = self.section.samples_per_epoch or len(self.train_ids)
-        return [len(b) for b in _batches(["x"] * n, self.section.batch_size)]
+        return batch_sizes(n, self.section.batch_size)
 
     def checkpoint_meta(self) -> dict[str, Any]:
         return {
@@ -161,6 +153,10 @@ class CoarseStage(_StageBase):
         c = self.config.coarse
         self.models = {"coarse": CoarseRegressor(len(self.plan.landmark_names), c.widths, c.layers)}
 
+    def sample_shapes(self) -> dict[str, tuple[int, ...]]:
+        """One training input's shape per network, without the batch axis: (1, X, Y, Z)."""
+        return {"coarse": (1, *(int(s) for s in self.plan.coarse_grid))}
+
     @property
     def section(self) -> CoarseConfig:
         return self.config.coarse
@@ -168,7 +164,7 @@ class CoarseStage(_StageBase):
     def train_batches(self, epoch: int, rng: np.random.Generator) -> Iterable[Any]:
         c = self.config.coarse
         order = _epoch_order(self.train_ids, rng, c.samples_per_epoch)
-        for ids in _batches(order, c.batch_size):
+        for ids in split_batches(order, c.batch_size):
             images, targets = [], []
             for cid in ids:
                 image, target, _ = coarse_sample(
@@ -225,7 +221,7 @@ class FineStage(_StageBase):
         f = self.config.fine
         order = _epoch_order(self.train_ids, rng, f.samples_per_epoch)
         names = self.landmark_names
-        for ids in _batches(order, f.batch_size):
+        for ids in split_batches(order, f.batch_size):
             patches, targets = [], []
             for cid in ids:
                 prepared = self.case(cid)

@@ -32,7 +32,7 @@ import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -62,6 +62,7 @@ from landmark3d.engine.distributed import (
     broadcast_state,
     check_batch_norm_shares,
     feed,
+    has_batch_norm,
     init_distributed,
     on_main,
     shard_batch,
@@ -343,8 +344,10 @@ def fit(
     out = Path(out_dir)
     ctx = init_distributed(cfg.device)  # no-op unless torchrun started several processes
     sizes = getattr(stage, "batch_sizes", None)
-    if ctx.is_distributed and callable(sizes):  # before any work: a clear error, not a crash
-        check_batch_norm_shares(stage.name, stage.models, sizes(), ctx.world_size)
+    if ctx.is_distributed and callable(sizes) and has_batch_norm(stage.models):
+        # before any work: a clear error, not torch's mid-epoch crash
+        shapes: Mapping[str, Sequence[int]] = getattr(stage, "sample_shapes", dict)()
+        check_batch_norm_shares(stage.name, stage.models, shapes, sizes(), ctx.world_size)
 
     def prepare() -> None:
         out.mkdir(parents=True, exist_ok=True)
