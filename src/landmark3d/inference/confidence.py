@@ -283,26 +283,28 @@ def fit_absence_margin(
 ) -> float:
     """The margin (mm) of the absence decision ``beyond > margin`` from validation points.
 
-    With landmarks truly outside: the candidate with the best F1; of tied candidates the middle
-    one (upper median), i.e. the centre of the plateau between the two classes.
-    Without: the smallest candidate >= ``default`` that declares no validation landmark absent
-    (the largest candidate if none does).
+    With landmarks truly outside that some candidate detects: the candidate with the best F1;
+    of tied candidates the middle one (upper median), i.e. the centre of the plateau between
+    the two classes. Otherwise (none truly outside, or every one of them predicted inside the
+    image, so that no margin can detect it — the flat-heatmap rule's case): the smallest
+    candidate >= ``default`` that declares no validation landmark absent (the largest
+    candidate if none does).
     """
     b = np.asarray(beyond_mm, dtype=np.float64).ravel()
     t = np.asarray(truly_outside, dtype=bool).ravel()
     ok = np.isfinite(b)
     b, t = b[ok], t[ok]
-    if not t.any():
-        for m in MARGIN_CANDIDATES_MM:
-            if m >= default and not (b > m).any():
-                return float(m)
-        return float(max(MARGIN_CANDIDATES_MM[-1], default))
     scores = []
     for m in MARGIN_CANDIDATES_MM:
         pred = b > m
         tp = float((pred & t).sum())
         scores.append(2 * tp / max(float(pred.sum() + t.sum()), 1.0))
     best = max(scores)
+    if not t.any() or best <= 0.0:
+        for m in MARGIN_CANDIDATES_MM:
+            if m >= default and not (b > m).any():
+                return float(m)
+        return float(max(MARGIN_CANDIDATES_MM[-1], default))
     tied = [m for m, f1 in zip(MARGIN_CANDIDATES_MM, scores, strict=True) if f1 >= best - 1e-12]
     return float(tied[len(tied) // 2])
 
@@ -325,6 +327,11 @@ def annotate_prediction(
         landmarks: the prediction (LPS mm) with the raw-score extras.
         coarse: (N, 3) coarse estimates, LPS mm, in ``landmarks.names`` order.
         geometry: the image's (canonical) geometry.
+        calibration: maps the scores to confidence and expected error; None: raw scores only.
+        absence: whether to apply the absence rules at all.
+        margin_mm: a landmark more than this beyond the image's edge is absent.
+        flat_spread_mm: a landmark whose fine heatmap spread (mm) exceeds this is absent ("not
+            found"; see :func:`flat_heatmap_spread_mm`); None: rule off.
     """
     coords = landmarks.coords.copy()
     extras = {n: dict(landmarks.extras.get(n, {})) for n in landmarks.names}
