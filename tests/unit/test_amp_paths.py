@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import contextlib
 from pathlib import Path
-from typing import Any
+from types import MappingProxyType
+from typing import Any, NamedTuple
 
 import numpy as np
 import pytest
@@ -209,3 +210,46 @@ def test_eval_forward_runs_a_single_cpu_input_as_a_pair_and_returns_one_item() -
     assert model.seen == [3, 1]
     flat = nn.Linear(4, 2).eval()
     assert eval_forward(flat, torch.randn(1, 4)).shape == (1, 2)
+
+
+class _Pair(NamedTuple):
+    heat: torch.Tensor
+    score: torch.Tensor
+
+
+class _Odd(nn.Module):
+    """Outputs eval_forward cannot cut: a batch-free 0-d loss, or a non-dict mapping."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__()
+        self.kind = kind
+        self.seen: list[int] = []
+
+    def forward(self, x: torch.Tensor) -> object:
+        self.seen.append(x.shape[0])
+        if self.kind == "named":
+            return _Pair(x * 2, x.sum())  # a named tuple with a 0-d item
+        if self.kind == "mapping":
+            return MappingProxyType({"y": x + 1})
+        return _Pair(x * 2, x.flatten(1).sum(1))
+
+
+@pytest.mark.parametrize("kind", ["named", "mapping"])
+def test_eval_forward_falls_back_to_one_item_on_outputs_it_cannot_cut(kind: str) -> None:
+    model = _Odd(kind).eval()
+    x = torch.randn(1, 1, 4, 4, 4)
+    out = eval_forward(model, x)
+    assert model.seen == [2, 1]  # tried as a pair, then run as asked: the right answer
+    if kind == "named":
+        assert out.score.ndim == 0 and out.score == pytest.approx(float(x.sum()))
+    else:
+        assert out["y"].shape == (1, 1, 4, 4, 4)
+
+
+def test_eval_forward_cuts_named_tuples() -> None:
+    model = _Odd("cuttable").eval()
+    x = torch.randn(1, 1, 4, 4, 4)
+    out = eval_forward(model, x)
+    assert model.seen == [2] and isinstance(out, _Pair)
+    assert out.heat.shape == (1, 1, 4, 4, 4) and out.score.shape == (1,)
+    torch.testing.assert_close(out.score, x.flatten(1).sum(1))

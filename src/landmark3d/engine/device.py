@@ -175,23 +175,36 @@ def eval_forward(model: torch.nn.Module, x: torch.Tensor) -> Any:
     model on one sample: 0.25 s vs 0.09 s for the duplicated pair). So a single input is
     duplicated and the first item of every output tensor kept. The model must be in eval mode
     (batch norm on running statistics, so the copies do not interact); the result equals the
-    batch-of-one forward up to float rounding. Tensors and dicts/tuples/lists of tensors are
-    returned as the model returns them.
+    batch-of-one forward up to float rounding. Outputs may be tensors with a batch axis, or
+    dicts, lists, tuples and named tuples of them; any other output (e.g. a 0-d tensor) makes
+    the call fall back to the plain batch-of-one forward, so the answer is always right.
+    Memory: the activations of the pair, twice those of one input.
     """
     if x.ndim != 5 or x.shape[0] != 1 or x.device.type != "cpu" or model.training:
         return model(x)
     out = model(x.expand(2, *x.shape[1:]).contiguous())
-    return _first_item(out)
+    try:
+        return _first_item(out)
+    except _NotBatched:
+        return model(x)
+
+
+class _NotBatched(Exception):
+    """An output without the batch axis of two that :func:`eval_forward` could cut."""
 
 
 def _first_item(out: Any) -> Any:
     if isinstance(out, torch.Tensor):
+        if out.ndim == 0 or out.shape[0] != 2:
+            raise _NotBatched
         return out[:1]
-    if isinstance(out, dict):
+    if type(out) is dict:
         return {k: _first_item(v) for k, v in out.items()}
-    if isinstance(out, tuple | list):
+    if isinstance(out, tuple) and hasattr(out, "_fields"):  # a named tuple
+        return type(out)(*(_first_item(v) for v in out))
+    if type(out) in (tuple, list):
         return type(out)(_first_item(v) for v in out)
-    return out
+    raise _NotBatched
 
 
 def set_num_threads(n: int | None) -> None:
