@@ -101,6 +101,9 @@ def test_training_calibrates_and_predict_writes_confidence(
         fast.calibration.keys == cal.without_tta.keys
         and "tta_spread_mm" not in fast.calibration.keys
     )
+    # a stage the calibration was not fitted for gets no calibration, so no TTA passes either
+    other = Predictor(tiny_run, device="cpu", stage="fine" if cal.stage != "fine" else "coarse")
+    assert other.calibration is None and not other.tta
     quick = fast.predict_file(image).landmarks
     json_dir = tmp_path / "json"
     r = cli("predict", "--model", tiny_run, "--input", image, "--out", json_dir, "--format", "json",

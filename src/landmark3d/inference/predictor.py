@@ -36,6 +36,7 @@ from landmark3d.engine.correlated_stage import build_group_models
 from landmark3d.engine.device import select_device
 from landmark3d.errors import CheckpointError, ConfigError
 from landmark3d.geometry.space import Geometry
+from landmark3d.inference.calibration import TTA_KEY
 from landmark3d.inference.confidence import (
     DEFAULT_ABSENCE_MARGIN_MM,
     HeatmapCapture,
@@ -108,7 +109,8 @@ class Predictor:
             from the group's key-slice model), or "auto" (default): "correlated" when the run
             has a correlated model, else "fine".
         tta: also compute ``tta_spread_mm`` (the fine stage rerun from 4 shifted patch
-            centres: ~5x the fine cost); None: as the calibration was fitted (else off). A
+            centres: ~5x the fine cost); None: when the calibration used (fitted for this
+            stage) scores the TTA spread, else off. A
             calibration fitted with TTA scores predictions made without it with its TTA-free
             refit (``Calibration.without_tta``).
         calibrated: use ``RUN/calibration.json`` (if present and fitted for this stage).
@@ -117,7 +119,10 @@ class Predictor:
             run was trained on cropped scans), else off.
         patch_batch: fine patches per forward pass and in memory at once (>= 1; see
             :func:`landmark3d.inference.steps.fine_predict`): bounds the memory whatever the
-            number of landmarks; the predictions do not depend on it. Settable later as the
+            number of landmarks; the predictions do not depend on it. With TTA a landmark's
+            4 shifted patches go through together, so at least 4 are (and a correlated
+            group's 4 shifted patch sets); on a CPU, a single patch runs as a pair
+            (:func:`landmark3d.engine.device.eval_forward`). Settable later as the
             ``patch_batch`` attribute.
     """
 
@@ -187,8 +192,11 @@ class Predictor:
             self.group_models = {k: m.to(self.device).eval() for k, m in models.items()}
         self.meta = meta
         cal = load_calibration(self.run) if calibrated else None
-        self.tta = bool(tta if tta is not None else (cal is not None and cal.tta))
         fitted = cal if cal is not None and cal.stage == stage else None
+        # by default TTA runs only when the calibration in use scores its spread: it costs
+        # several fine passes, which are wasted on a stage the calibration was not fitted for
+        uses_tta = fitted is not None and TTA_KEY in fitted.keys
+        self.tta = bool(tta if tta is not None else uses_tta)
         self.calibration = fitted.for_prediction(self.tta) if fitted is not None else None
         self.absence = bool(absence if absence is not None else (cal and cal.absence_enabled))
         self.absence_margin_mm = cal.absence_margin_mm if cal else DEFAULT_ABSENCE_MARGIN_MM
@@ -298,9 +306,9 @@ class Predictor:
         """Refined positions (N, 3) LPS mm for each of K sets of patch centres (N, 3), NaN rows
         for landmarks no fine/correlated model refines (test-time augmentation).
 
-        All K sets go through each network together: the fine patches landmark by landmark
-        (a model's K patches share a chunk of ``patch_batch``), each correlated group as one
-        batch of K — several times faster on a CPU than K separate passes.
+        All K sets go through each network together: the fine patches landmark by landmark,
+        in chunks of ``max(patch_batch, K)``, each correlated group as one batch of K —
+        several times faster on a CPU than K separate passes.
         """
         k, n = len(center_sets), len(self.landmark_names)
         out = [np.full((n, 3), np.nan) for _ in range(k)]
