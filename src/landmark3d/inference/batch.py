@@ -1,7 +1,8 @@
 """Predict a cohort of images: one landmark file per image plus a per-case report.
 
-Inputs: an image file, a DICOM series directory, a directory of image files (and DICOM series
-sub-directories), or the cases of a dataset (optionally one fold's held-out cases). Output
+Inputs: an image file, a DICOM series directory, a directory of image files and/or DICOM series
+sub-directories (beside image files, a sub-directory is a series when its files carry the DICOM
+signature), or the cases of a dataset (optionally one fold's held-out cases). Output
 files are named ``<case id>.<format>`` — the case id is the image file name without its image
 suffix (or the dataset's case id) — so ``landmark3d evaluate`` can match them to the truth.
 
@@ -33,6 +34,7 @@ Cohort scale:
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -66,6 +68,16 @@ def _is_dicom_dir(path: Path) -> bool:
     )
 
 
+def _has_dicom_file(path: Path) -> bool:
+    """Whether a file directly in ``path`` carries the DICOM signature ("DICM" at byte 128)."""
+    for f in path.iterdir():
+        if f.is_file():
+            with contextlib.suppress(OSError), f.open("rb") as fh:
+                if fh.read(132)[128:] == b"DICM":
+                    return True
+    return False
+
+
 def case_id_of(path: Path) -> str:
     """Case id of an image path: its name without the image suffix (a directory: its name)."""
     suffix = image_suffix(path)
@@ -85,11 +97,14 @@ def enumerate_images(path: Path) -> list[tuple[str, Path]]:
             )
         return [(case_id_of(path), path)]
     files = sorted(p for p in path.iterdir() if p.is_file() and is_image_path(p))
-    if files:
-        return [(case_id_of(p), p) for p in files]
-    subdirs = sorted(p for p in path.iterdir() if _is_dicom_dir(p))
-    if subdirs:
-        return [(p.name, p) for p in subdirs]
+    if files:  # beside image files, only sub-directories that hold DICOM files are series
+        subdirs = sorted(p for p in path.iterdir() if p.is_dir() and _has_dicom_file(p))
+    else:
+        subdirs = sorted(p for p in path.iterdir() if _is_dicom_dir(p))
+    found = [(case_id_of(p), p) for p in files] + [(p.name, p) for p in subdirs]
+    if found:
+        _refuse_duplicate_ids(path, found)
+        return sorted(found)
     if _is_dicom_dir(path):
         return [(path.name, path)]
     raise ImageError(
@@ -97,6 +112,21 @@ def enumerate_images(path: Path) -> list[tuple[str, Path]]:
         path=path,
         fix=f"put image files ({', '.join(IMAGE_SUFFIXES)}) or DICOM series folders in it.",
     )
+
+
+def _refuse_duplicate_ids(path: Path, found: list[tuple[str, Path]]) -> None:
+    by_id: dict[str, list[str]] = {}
+    for cid, p in found:
+        by_id.setdefault(cid, []).append(p.name)
+    clashes = {cid: names for cid, names in by_id.items() if len(names) > 1}
+    if clashes:
+        cid, names = next(iter(sorted(clashes.items())))
+        raise ImageError(
+            f"{len(clashes)} case id(s) would name two images, e.g. {cid!r}: "
+            f"{' and '.join(names)} (outputs are named by case id).",
+            path=path,
+            fix="rename or move one image of each pair.",
+        )
 
 
 def training_landmark_format(run: Path) -> str:
