@@ -275,7 +275,8 @@ def evaluate(
 
     Raises:
         DatasetError: ``cases`` names a case the dataset does not have.
-        LandmarkFileError: a prediction file is unreadable, or two files name one case.
+        LandmarkFileError: a prediction file is unreadable, two files name one case, or no
+            file names any evaluated case.
     """
     pred_root = Path(pred_dir)
     thr = tuple(float(t) for t in thresholds)
@@ -295,17 +296,31 @@ def evaluate(
     wanted = set(case_ids)
     unmatched = [p for cid, p in found.items() if cid not in wanted] + others
     for cid, p in found.items():
-        if cid in wanted:
-            continue
-        if cid in dataset.case_ids:
-            warnings.append(f"{p.name}: case {cid!r} is not among the evaluated cases; ignored.")
-        else:
+        if cid not in dataset.case_ids:
             hint = did_you_mean(cid, dataset.case_ids)
             warnings.append(
                 f"{p.name}: no case {cid!r} in dataset {dataset.name!r}; ignored.{hint}"
             )
+    elsewhere = [
+        p.name for cid, p in found.items() if cid not in wanted and cid in dataset.case_ids
+    ]
+    if elsewhere:  # e.g. with --fold, the other folds' predictions: one line for all
+        warnings.append(
+            f"{len(elsewhere)} prediction file(s) of dataset cases not evaluated here (e.g. "
+            f"{elsewhere[0]}); ignored."
+        )
     for p in others:
         warnings.append(f"{p.name}: not a landmark file (.fcsv/.mrk.json/.csv/.json); ignored.")
+    if not wanted & found.keys():  # nothing to evaluate: an error, not a table of dashes
+        example = f" (e.g. {warnings[0]})" if warnings else ""
+        raise LandmarkFileError(
+            f"no prediction file here names one of the {len(case_ids)} evaluated case(s) of "
+            f"dataset {dataset.name!r} ({len(found) + len(others)} file(s) found){example}.",
+            path=pred_root,
+            fix="name prediction files <case id>.<fcsv|mrk.json|csv|json> after the dataset's "
+            f"case ids (e.g. {case_ids[0]!r}; `landmark3d predict --dataset` does), or check "
+            "--truth and --fold.",
+        )
 
     rows: list[EvaluationRow] = []
     without: list[str] = []

@@ -337,6 +337,29 @@ def test_evaluate_three_mm_shift(cli: Cli, phantom_dir: Path, tmp_path: Path) ->
     assert forced.code == 0, forced.err
 
 
+def test_evaluate_prints_its_warnings_and_refuses_when_nothing_matches(
+    cli: Cli, phantom_dir: Path, tmp_path: Path
+) -> None:
+    """Files named after something other than the case ids: every one is reported, and a
+    directory where none matches fails instead of printing a table of dashes."""
+    pred = tmp_path / "pred"
+    ids = _shifted_predictions(phantom_dir, pred, np.array([1.0, 0.0, 0.0]))
+    (pred / f"{ids[0]}.json").rename(pred / "subj001.json")
+    r = cli("evaluate", "--pred", pred, "--truth", phantom_dir)
+    assert r.code == 0, r.err
+    assert "warning: subj001.json: no case 'subj001'" in r.err
+    assert f"no prediction file for 1 case(s): {ids[0]}" in r.err
+
+    renamed = tmp_path / "renamed"
+    renamed.mkdir()
+    for i, f in enumerate(sorted(pred.glob("*.json"))):
+        if f.name != "metrics.json":
+            f.rename(renamed / f"subj{i:03d}.json")
+    line = _one_error_line(cli("evaluate", "--pred", renamed, "--truth", phantom_dir))
+    assert "no prediction file here names one of the" in line and "subj000.json" in line
+    assert not (renamed / "metrics.json").exists()
+
+
 def test_evaluate_one_fold_into_another_directory(
     cli: Cli, phantom_dir: Path, tmp_path: Path
 ) -> None:

@@ -119,10 +119,28 @@ def test_explicit_cases_unknown_and_unannotated(tmp_path):
     pred.mkdir()
     with pytest.raises(DatasetError, match="c1"):
         evaluate(pred, ds, cases=["c01"])
+    write_landmarks(_shifted("c1", [0.0, 0.0, 0.0]), pred / "c4.json")
     result = evaluate(pred, ds, cases=["c4"])
     assert result.summary.n_missing_truth == 2 and result.summary.n_evaluated == 0
     assert any("no annotations" in w for w in result.warnings)
     assert math.isnan(result.summary.mre)
+
+
+def test_no_prediction_file_matching_any_case_is_an_error_not_a_table(tmp_path):
+    """Predictions named after something else (e.g. subject ids) evaluate nothing: a clear
+    error naming the directory, a mismatched file and the dataset's case ids."""
+    ds = _dataset(tmp_path)
+    pred = tmp_path / "pred"
+    write_landmarks(_shifted("c1", [0.0, 0.0, 0.0]), pred / "subj001.json")
+    with pytest.raises(LandmarkFileError) as info:
+        evaluate(pred, ds)
+    text = str(info.value)
+    assert str(pred) in text and "subj001.json: no case 'subj001'" in text
+    assert "'c1'" in str(info.value.fix)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    with pytest.raises(LandmarkFileError, match="0 file"):
+        evaluate(empty, ds)
 
 
 def test_folds_and_pooled(tmp_path):

@@ -146,4 +146,15 @@ def evaluate(
     result = run_evaluation(pred, ds, cases=cases)
     write_evaluation(result, out or pred, overwrite=overwrite)
     print_summary_table(result.summary, title=f"{ds.name}: {pred}")
+    notes = [f"warning: {w}" for w in result.warnings]
+    if result.cases_without_prediction:
+        missing = result.cases_without_prediction
+        shown = ", ".join(missing[:10]) + (
+            f" and {len(missing) - 10} more" if len(missing) > 10 else ""
+        )
+        notes.append(f"no prediction file for {len(missing)} case(s): {shown}")
+    for line in notes[:20]:
+        err_console.print(escape(line))
+    if len(notes) > 20:
+        err_console.print(f"... and {len(notes) - 20} more warning(s): see metrics.json")
     console.print(f"wrote {(out or pred) / 'metrics.json'} and metrics.csv")
