@@ -335,7 +335,10 @@ def test_nonfinite_voxels(tmp_path):
     write_image(Volume(values, GEOM).to_sitk(), path)
     with pytest.raises(ImageError, match=r"3 of 210 voxels are not finite \(1 NaN, 2 inf\)") as e:
         read_image(path)
-    assert "clean the image" in str(e.value)
+    fix = e.value.fix or ""  # what a CLI user can do; the API argument only as such
+    assert "replace the NaN/inf voxels by the background value" in fix
+    assert "leave the case out" in fix
+    assert "(Python API: allow_nonfinite=True" in fix and fix.count("allow_nonfinite") == 1
     image = read_image(path, allow_nonfinite=True)
     assert image_problems(image) == ["3 of 210 voxels are not finite (1 NaN, 2 inf)."]
     # ITK's NIfTI reader turns NaN/inf into 0; we scan the file and put them back

@@ -40,8 +40,9 @@ _DETACHED = (".nhdr", ".mhd")  # header + separate data file
 _DICOM_FILE_SUFFIXES = (".dcm", ".ima", ".dicom")
 _ORTHONORMAL_TOL = 1e-4  # NIfTI stores the direction as float32 (quaternion or sform)
 _NONFINITE_FIX = (
-    "clean the image: replace the non-finite voxels (e.g. by the minimum intensity) and save "
-    "it again (or read it with allow_nonfinite=True)."
+    "repair the image: replace the NaN/inf voxels by the background value (e.g. the minimum "
+    "intensity) and save it again, or leave the case out of the dataset "
+    "(Python API: allow_nonfinite=True accepts them)."
 )
 _FORMATS_HINT = ".nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd or a DICOM series directory"
 
