@@ -474,6 +474,97 @@ QUICK_OVERRIDES = [
 ]
 
 
+DEMO_MARKER = "demo.json"
+"""Written into ``--out`` by ``landmark3d demo``: marks a run directory the demo may replace."""
+PHANTOM_TOOL = "landmark3d phantom"
+"""``generator.tool`` of a ``dataset.json`` written by :func:`~landmark3d.data.phantom.generate_phantom`."""
+PHANTOM_ENTRIES = frozenset({"dataset.json", "images", "landmarks"})
+"""Everything ``generate_phantom`` writes into its directory."""
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _phantom_generator(data: Path) -> dict[str, Any] | None:
+    """The ``generator`` record of a phantom directory, or None if ``data`` is anything else.
+
+    A phantom directory holds only what ``generate_phantom`` writes (``dataset.json``,
+    ``images/``, ``landmarks/``) and its ``dataset.json`` names the phantom generator; a
+    directory with any other file is treated as the user's, never as a phantom.
+    """
+    if not data.is_dir() or {p.name for p in data.iterdir()} - PHANTOM_ENTRIES:
+        return None
+    try:
+        spec = json.loads((data / "dataset.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    gen = spec.get("generator") if isinstance(spec, dict) else None
+    if not isinstance(gen, dict) or gen.get("tool") != PHANTOM_TOOL:
+        return None
+    return gen
+
+
+def _demo_data_action(data: Path, want: dict[str, int], overwrite: bool) -> str:
+    """What the demo does with ``--data``: ``"reuse"``, ``"generate"`` or ``"regenerate"``.
+
+    Reuses a phantom of the wanted settings, (re)generates a phantom of other settings, an
+    empty or missing directory; anything else only with ``overwrite``.
+
+    Raises:
+        OutputExistsError: ``data`` holds something other than a phantom and not ``overwrite``.
+    """
+    from landmark3d.errors import OutputExistsError
+
+    if not data.exists() or _is_empty_dir(data):
+        return "generate"
+    gen = _phantom_generator(data)
+    if gen is not None and all(gen.get(k) == v for k, v in want.items()):
+        return "reuse"
+    if gen is None and not overwrite:
+        raise OutputExistsError(
+            "the --data directory exists and is not a phantom made by landmark3d; the demo "
+            "would replace its contents with the phantom.",
+            path=data,
+            fix="choose another --data directory (e.g. --data data/phantom), or pass "
+            "--overwrite to replace it.",
+        )
+    return "regenerate"
+
+
+def _is_demo_run(out: Path, configs: list[Any]) -> bool:
+    """``out`` holds a run of ``landmark3d demo``: its marker, or (runs made before the marker
+    existed) a ``config.json`` equal to one of the demo's ``configs``."""
+    if (out / DEMO_MARKER).is_file():
+        return True
+    from landmark3d.config import ExperimentConfig
+
+    try:
+        saved = ExperimentConfig.from_json(out / "config.json").to_dict()
+    except Exception:  # missing, unreadable, or of another version: not recognisably a demo
+        return False
+    return any(saved == c.to_dict() for c in configs)
+
+
+def _check_demo_out(out: Path, configs: list[Any], overwrite: bool) -> None:
+    """Refuse an ``--out`` that is neither missing, empty, nor a previous demo run.
+
+    Raises:
+        OutputExistsError: ``out`` holds something else and not ``overwrite``.
+    """
+    from landmark3d.errors import OutputExistsError
+
+    if overwrite or not out.exists() or _is_empty_dir(out) or _is_demo_run(out, configs):
+        return
+    raise OutputExistsError(
+        "the --out directory exists and is not a run of landmark3d demo; the demo would "
+        "replace its training run.",
+        path=out,
+        fix="choose another --out directory (e.g. --out runs/demo2), or pass --overwrite "
+        "to replace it.",
+    )
+
+
 @app.command()
 def demo(
     out: Annotated[Path, typer.Option("--out", help="Run directory.")] = Path("runs/demo"),
@@ -484,40 +575,62 @@ def demo(
         bool, typer.Option("--quick", help="A tiny run (minutes → seconds) to check the set-up.")
     ] = False,
     fold: Annotated[int, typer.Option("--fold", help="Held-out fold.")] = 0,
+    overwrite: Annotated[
+        bool,
+        typer.Option(
+            "--overwrite",
+            help="Replace --data and --out even if the demo did not create them "
+            "(their contents are lost).",
+        ),
+    ] = False,
 ) -> None:
     """The whole job on the embedded phantom: generate, verify, plan, train, predict, evaluate.
+
+    --data is reused when it holds the phantom of these settings and regenerated when it holds
+    a phantom of other settings; --out is replaced when it holds an earlier demo run. Any other
+    existing, non-empty directory is refused unless --overwrite.
 
     Example: [bold]landmark3d demo[/]  (or [bold]landmark3d demo --quick[/])
     """
     from landmark3d.config import apply_overrides, load_config
     from landmark3d.data.dataset import load_dataset
-    from landmark3d.data.phantom import generate_phantom
+    from landmark3d.data.phantom import DESIGN_VERSION, generate_phantom
     from landmark3d.data.verify import verify_dataset
     from landmark3d.engine.run import train_run
     from landmark3d.evaluation import evaluate as run_evaluation
     from landmark3d.evaluation import write_evaluation
     from landmark3d.inference.batch import predict_inputs
+    from landmark3d.io.atomic import atomic_write_text
 
     n_cases, size = (9, 48) if quick else (30, 96)
-    spec = data / "dataset.json"
-    if spec.exists():
-        ds = load_dataset(spec)
-        if len(ds.cases) != n_cases:
-            spec = generate_phantom(data, n_cases=n_cases, seed=0, size=size, overwrite=True)
+    base = load_config("phantom_demo")
+    overrides = QUICK_OVERRIDES if quick else DEMO_OVERRIDES
+    cfg = apply_overrides(base, overrides)
+    # decide about both directories before writing anything
+    action = _demo_data_action(
+        data, {"seed": 0, "cases": n_cases, "size": size, "design": DESIGN_VERSION}, overwrite
+    )
+    demo_configs = [apply_overrides(base, o) for o in (QUICK_OVERRIDES, DEMO_OVERRIDES)]
+    _check_demo_out(out, demo_configs, overwrite)
+    if action == "reuse":
+        spec = data / "dataset.json"
     else:
-        spec = generate_phantom(data, n_cases=n_cases, seed=0, size=size, overwrite=True)
+        spec = generate_phantom(
+            data, n_cases=n_cases, seed=0, size=size, overwrite=action == "regenerate"
+        )
     ds = load_dataset(spec)
-    console.print(f"[bold]1/5[/] phantom dataset: {spec} ({len(ds.cases)} cases)")
+    console.print(f"[bold]1/5[/] phantom dataset: {spec} ({len(ds.cases)} cases, {action}d)")
     report = verify_dataset(ds)
     if not report.ok:
         raise typer.Exit(1)
     console.print(f"[bold]2/5[/] verified: {len(report.problems)} problem(s)")
-    overrides = QUICK_OVERRIDES if quick else DEMO_OVERRIDES
-    cfg = apply_overrides(load_config("phantom_demo"), overrides)
     console.print(
         "[bold]3/5[/] training coarse, fine and correlated stages "
         f"(config phantom_demo with {' '.join(overrides)})"
     )
+    out.mkdir(parents=True, exist_ok=True)
+    marker = {"tool": "landmark3d demo", "data": str(data), "quick": quick, "fold": fold}
+    atomic_write_text(out / DEMO_MARKER, json.dumps(marker, indent=2) + "\n", overwrite=True)
     result = train_run(ds, cfg, out, fold=fold, overwrite=True, cache_dir=out / "cache")
     pred_dir = out / "predictions"
     console.print(f"[bold]4/5[/] predicting {len(result.split.test)} held-out case(s)")
