@@ -172,9 +172,9 @@ def test_convert_between_formats_and_systems(cli: Cli, tmp_path: Path) -> None:
 
     bare = tmp_path / "bare.csv"
     bare.write_text("name,x,y,z\nchin,1,2,3\n")
-    assert "does not state its coordinate system" in _one_error_line(
-        cli("convert", bare, tmp_path / "b.json")
-    )
+    line = _one_error_line(cli("convert", bare, tmp_path / "b.json"))
+    assert "does not state its coordinate system" in line
+    assert "--in-coords" in line and "dataset.json" in line  # the options that exist
     r = cli("convert", bare, tmp_path / "b.json", "--in-coords", "RAS")
     assert r.code == 0, r.err
     assert json.loads((tmp_path / "b.json").read_text())["coordinate_system"] == "RAS"

@@ -259,6 +259,21 @@ def test_fcsv_header_and_coords_argument_must_agree(tmp_path):
         read_landmarks(path, coords="RAS")
 
 
+def test_fcsv_with_empty_coordinates_says_how_slicer_marks_a_missing_point(tmp_path):
+    """An .fcsv marks a missing point by its position status column, not by empty x, y, z:
+    the error says so (and the line), instead of the CSV advice 'leave it empty'."""
+    p = tmp_path / "gap.fcsv"
+    p.write_text(
+        "# Markups fiducial file version = 4.11\n# CoordinateSystem = LPS\n"
+        "# columns = id,x,y,z,ow,ox,oy,oz,vis,sel,lock,label,desc,associatedNodeID\n"
+        "vtkMRMLMarkupsFiducialNode_0,,,,0,0,0,1,1,1,0,nasion,,\n"
+    )
+    with pytest.raises(LandmarkFileError) as info:
+        read_landmarks(p)
+    assert info.value.line == 4 and "coordinate x '' is not a number" in str(info.value)
+    assert "position status" in str(info.value.fix) and "empty" not in str(info.value.fix)
+
+
 def test_slicer5_fcsv_fixture(tmp_path):
     ls = read_landmarks(_write(tmp_path, "slicer.fcsv", SLICER5_FCSV))
     assert ls.names == ["nasion", "sella, turcica", "menton", "gonion_L"]
@@ -346,7 +361,8 @@ def test_csv_without_coordinate_system_is_an_error(tmp_path):
     path = _write(tmp_path, "p.csv", "name,x,y,z\nA,1,2,3\n")
     with pytest.raises(LandmarkFileError) as info:
         read_landmarks(path)
-    assert info.value.path == path and "--coords" in str(info.value.fix)
+    assert info.value.path == path and "--in-coords" in str(info.value.fix)
+    assert "coordinate_system" in str(info.value.fix)
     np.testing.assert_allclose(read_landmarks(path, coords="RAS").coords, [[-1, -2, 3]])
 
 

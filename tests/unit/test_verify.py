@@ -282,7 +282,7 @@ def test_differing_landmark_set(tmp_path: Path) -> None:
     [
         (None, "landmark file not found"),
         ("", "landmark file is empty"),
-        ("name,x,y,z\nchin,1,2\n", "landmarks unreadable"),
+        ("name,x,y,z\nchin,1,2\n", "landmarks unreadable (line 2)"),
     ],
 )
 def test_bad_landmark_file(spec: Path, content: str | None, pattern: str) -> None:

@@ -33,14 +33,6 @@ console = Console(width=None if sys.stdout.isatty() else 120, soft_wrap=True)
 err_console = Console(stderr=True)
 _STATE = {"debug": False}
 
-CoordsOption = Annotated[
-    str | None,
-    typer.Option(
-        "--coords",
-        help="Coordinate system of CSV landmark files without a '# CoordinateSystem' line: LPS or RAS.",
-    ),
-]
-
 
 def _version(value: bool) -> None:
     if value:

@@ -354,7 +354,9 @@ def _check_landmarks(
             raw = ds.read_raw_landmarks(case)
         except (LandmarkFileError, DatasetError) as e:
             fix = e.fix or "repair the landmark file."
-            out.case("error", case.id, e.path or source, f"landmarks unreadable: {e.problem}", fix)
+            at = f" (line {e.line})" if e.line is not None else ""
+            msg = f"landmarks unreadable{at}: {e.problem}"
+            out.case("error", case.id, e.path or source, msg, fix)
             return None
     for w in caught:
         if issubclass(w.category, LandmarkWarning):

@@ -57,8 +57,16 @@ class LandmarkWarning(UserWarning):
 
 
 # ---------------------------------------------------------------------------------- helpers
-_FIX_COORDS = "drop --coords, or correct the coordinate system stated in the file."
+_FIX_COORDS = (
+    "drop --in-coords (Python: the coords= argument), or correct the coordinate system "
+    "stated in the file."
+)
 _FIX_NUMBER = "write finite coordinates in mm as plain decimals; leave a missing landmark empty."
+_FIX_NUMBER_FCSV = (
+    "write finite coordinates in mm as plain decimals; mark a missing landmark as 3D Slicer "
+    "does, with a position status column after the last one ('3' = missing, '0' = undefined) "
+    "and any numbers in x, y, z."
+)
 _FIX_NAMES = "give every landmark a non-empty name, unique within the file."
 
 
@@ -113,19 +121,23 @@ def _resolve_system(
     if stated is not None or declared is not None:
         return str(stated or declared)
     if default is None:
-        fix = f"add {note}, or pass --coords LPS|RAS."
+        fix = (
+            f'add {note}; or declare it where the file is read: "coordinate_system": "LPS" '
+            "(or RAS) in the dataset's dataset.json, `landmark3d convert --in-coords LPS|RAS`, "
+            "or read_landmarks(..., coords=) in Python."
+        )
         raise _bad(path, "the file does not state its coordinate system.", fix)
     warnings.warn(f"{path}: {note}", LandmarkWarning, stacklevel=4)
     return default
 
 
-def _float(cell: str, what: str, path: Path, line: int | None) -> float:
-    """A finite float from a text cell; LandmarkFileError otherwise."""
+def _float(cell: str, what: str, path: Path, line: int | None, fix: str = _FIX_NUMBER) -> float:
+    """A finite float from a text cell; LandmarkFileError (with ``fix``) otherwise."""
     text = cell.strip()
     if _NONFINITE.fullmatch(text):
-        raise _bad(path, f"{what} is {text!r}, not a finite number.", _FIX_NUMBER, line)
+        raise _bad(path, f"{what} is {text!r}, not a finite number.", fix, line)
     if not _NUMBER.fullmatch(text) or not np.isfinite(float(text)):  # e.g. 'x', '1e999'
-        raise _bad(path, f"{what} {text!r} is not a number.", _FIX_NUMBER, line)
+        raise _bad(path, f"{what} {text!r} is not a number.", fix, line)
     return float(text)
 
 
@@ -238,7 +250,9 @@ def _read_fcsv(text: str, path: Path, declared: str | None) -> LandmarkSet:
         if len(row) > len(columns) and row[len(columns)].strip() in _FCSV_MISSING_STATUS:
             points.add(cell["label"], None, lineno, extras)
         else:
-            xyz = tuple(_float(cell[a], f"coordinate {a}", path, lineno) for a in "xyz")
+            xyz = tuple(
+                _float(cell[a], f"coordinate {a}", path, lineno, _FIX_NUMBER_FCSV) for a in "xyz"
+            )
             points.add(cell["label"], (xyz[0], xyz[1], xyz[2]), lineno, extras)
     note = "no '# CoordinateSystem' header; assuming RAS as 3D Slicer does."
     return points.build(_resolve_system(stated, declared, path, "RAS", note))
