@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import gzip
+import struct
 from pathlib import Path
 
 import numpy as np
@@ -324,6 +325,27 @@ def test_non_orthonormal_direction(tmp_path):
     image = sitk.Image([3, 3, 3], sitk.sitkFloat32)
     image.SetDirection((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0 + 1e-6))  # float32-level noise is fine
     assert image_problems(image) == []
+
+
+@pytest.mark.parametrize("suffix", [".nii", ".nii.gz"])
+def test_nifti_with_sheared_sform_says_not_orthonormal(tmp_path, suffix):
+    """A sheared sform without a qform: ITK refuses it; we say why (not "damaged")."""
+    path = write_image(_image(), tmp_path / f"good{suffix}")
+    opener = gzip.open if suffix == ".nii.gz" else open
+    with opener(path, "rb") as fh:
+        data = bytearray(fh.read())
+    data[252:256] = struct.pack("<2h", 0, 2)  # qform_code 0, sform_code 2 (aligned)
+    data[280:328] = struct.pack("<12f", -1, 0.5, 0, 0, 0, -1, 0, 0, 0, 0, 2, 0)  # x += 0.5 y
+    sheared = tmp_path / f"shear{suffix}"
+    with opener(sheared, "wb") as fh:
+        fh.write(bytes(data))
+    with pytest.raises(ImageError, match="direction matrix is not orthonormal") as e:
+        read_image(sheared)
+    message = str(e.value)
+    assert "0.447 in the sform" in message  # 0.5 / |(-1, 0.5, 0)| = 0.447
+    assert "damaged" not in message and "truncated" not in message
+    assert "resample the image onto an orthonormal grid" in (e.value.fix or "")
+    assert e.value.path == sheared
 
 
 def test_nonfinite_voxels(tmp_path):

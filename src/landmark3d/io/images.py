@@ -29,7 +29,7 @@ import SimpleITK as sitk
 from landmark3d.errors import ImageError
 from landmark3d.geometry.space import Volume
 from landmark3d.io.atomic import atomic_path, check_writable
-from landmark3d.io.nifti_check import restore_nonfinite, scan_nifti
+from landmark3d.io.nifti_check import nifti_sform_shear, restore_nonfinite, scan_nifti
 from landmark3d.limits import check_voxel_count, spacing_problem
 
 #: File suffixes read and written by :func:`read_image` / :func:`write_image` (lower case).
@@ -62,6 +62,17 @@ def is_image_path(path: str | Path) -> bool:
 
 
 # ---------------------------------------------------------------------------------- problems
+def _not_orthonormal(deviation: float | None, where: str = "") -> tuple[str, str]:
+    """(problem, fix) for a sheared/scaled direction; ``deviation`` = max |D^T D - I|."""
+    amount = "" if deviation is None else f" (|D^T D - I| max {deviation:.3g}{where})"
+    return (
+        f"direction matrix is not orthonormal{amount}; sheared or scaled voxel axes are not "
+        "supported.",
+        "resample the image onto an orthonormal grid (e.g. in 3D Slicer) or correct the "
+        "direction in the header.",
+    )
+
+
 def _problems_with_fixes(image: sitk.Image, *, check_voxels: bool = True) -> list[tuple[str, str]]:
     """(problem, fix) pairs for everything that makes ``image`` unusable; empty if fine.
 
@@ -123,14 +134,7 @@ def _problems_with_fixes(image: sitk.Image, *, check_voxels: bool = True) -> lis
     else:
         deviation = float(np.max(np.abs(direction.T @ direction - np.eye(dim))))
         if deviation > _ORTHONORMAL_TOL:
-            out.append(
-                (
-                    f"direction matrix is not orthonormal (|D^T D - I| max {deviation:.3g}); "
-                    "sheared or scaled voxel axes are not supported.",
-                    "resample the image onto an orthonormal grid (e.g. in 3D Slicer) "
-                    "or correct the direction in the header.",
-                )
-            )
+            out.append(_not_orthonormal(deviation))
     if check_voxels and ncomp == 1 and image.GetPixelID() in (sitk.sitkFloat32, sitk.sitkFloat64):
         values = sitk.GetArrayViewFromImage(image)
         n_nan = int(np.count_nonzero(np.isnan(values)))
@@ -324,6 +328,10 @@ def read_image(
             image = sitk.ReadImage(str(p))
         except RuntimeError as e:
             detail = _sitk_message(e)
+            if "orthonormal" in detail.lower():  # ITK: a sheared NIfTI sform and no qform
+                shear = nifti_sform_shear(p, suffix) if suffix in (".nii", ".nii.gz") else None
+                problem, fix = _not_orthonormal(shear, " in the sform" if shear else "")
+                raise ImageError(f"cannot read the image: {problem}", path=p, fix=fix) from e
             if "spacing" in detail.lower():
                 fix = "correct the voxel spacing in the image header (positive, in mm)."
             else:

@@ -6,6 +6,8 @@
   :func:`restore_nonfinite` puts them back when they are allowed);
 * a header without the NIfTI **magic** is read by ITK as Analyze 7.5, silently dropping the
   origin and direction (world coordinates would be wrong): :func:`nifti_magic_problem`;
+* a **sheared** sform without a qform is refused by ITK with a terse message;
+  :func:`nifti_sform_shear` measures the shear so the error can say what is wrong;
 * an uncompressed NIfTI named ``.nii.gz`` is scanned as the ``.nii`` it is.
 
 Used by :func:`landmark3d.io.images.read_image`. This module never imports torch.
@@ -96,6 +98,52 @@ def nifti_header(header: bytes) -> NiftiHeader | None:
     if not (np.isfinite(slope) and slope != 0):
         slope, inter = 1.0, 0.0
     return NiftiHeader(offset, nvox * bitpix // 8, dtype, float(slope), float(inter))
+
+
+def _read_first_bytes(path: Path, suffix: str, n: int = 540) -> bytes | None:
+    """The first ``n`` bytes of a (possibly gzipped) NIfTI file's header; None if unreadable."""
+    with open(path, "rb") as raw_fh:
+        if suffix == ".nii.gz" and raw_fh.read(2) != _GZIP_MAGIC:
+            suffix = ".nii"  # an uncompressed NIfTI named .nii.gz
+    opener: Any = gzip.open if suffix == ".nii.gz" else open
+    try:
+        with opener(path, "rb") as fh:
+            data: bytes = fh.read(n)
+    except (OSError, EOFError, zlib.error):
+        return None
+    return data
+
+
+def nifti_sform_shear(path: Path, suffix: str) -> float | None:
+    """How far the sform's direction is from orthonormal: max ``|D^T D - I|`` (unitless).
+
+    ``D`` is the sform's 3x3 part with unit-length columns (the spacing divided out), so
+    rotations and flips give 0 and a shear gives its size. None if the file has no sform
+    (``sform_code`` 0) or is not a readable NIfTI-1/-2 header. ITK refuses a sheared sform
+    when there is no qform to fall back on ("No orthonormal definition found").
+    """
+    header = _read_first_bytes(path, suffix)
+    if header is None:
+        return None
+    for e in "<>":
+        if len(header) >= 348 and struct.unpack(e + "i", header[:4])[0] == 348:
+            code = struct.unpack(e + "h", header[254:256])[0]
+            rows = struct.unpack(e + "12f", header[280:328])
+            break
+        if len(header) >= 540 and struct.unpack(e + "i", header[:4])[0] == 540:
+            code = struct.unpack(e + "i", header[348:352])[0]
+            rows = struct.unpack(e + "12d", header[400:496])
+            break
+    else:
+        return None
+    if code <= 0:
+        return None
+    matrix = np.asarray(rows, dtype=np.float64).reshape(3, 4)[:, :3]
+    norms = np.linalg.norm(matrix, axis=0)
+    if not (np.all(np.isfinite(matrix)) and np.all(norms > 0)):
+        return None
+    direction = matrix / norms
+    return float(np.max(np.abs(direction.T @ direction - np.eye(3))))
 
 
 def scan_nifti(path: Path, suffix: str, keep_positions: bool) -> NiftiScan | None:
