@@ -112,16 +112,30 @@ def report(
             "--flag-above", help="List first the predictions expected to be off by more (mm)."
         ),
     ] = 4.0,
+    pred: Annotated[
+        list[Path] | None,
+        typer.Option(
+            "--pred",
+            help="An evaluated prediction directory of this run kept outside it (repeatable; "
+            "predictions_<stage> / pred_<stage> name their stage, any other name is the "
+            "run's default `predict` stage).",
+        ),
+    ] = None,
 ) -> None:
     """Write a self-contained HTML report (tables, SDR curve, box plots, slices, training curves).
 
-    Figures are PNG files in <report>_files/ beside the HTML file.
+    Figures are PNG files in <report>_files/ beside the HTML file. The run's own evaluated
+    predictions (RUN/predictions*/, RUN/pred_*/) are found by themselves; add those written
+    elsewhere with --pred.
 
-    Example: [bold]landmark3d report runs/demo[/]  (then open runs/demo/report.html)
+    Example: [bold]landmark3d report runs/demo[/]  (then open runs/demo/report.html), or
+    [bold]landmark3d report runs/f0 --pred pred/[/]
     """
     from landmark3d.reporting.html import build_report
 
-    result = build_report(run, out, overwrite=overwrite, n_worst=worst, flag_above=flag_above)
+    result = build_report(
+        run, out, overwrite=overwrite, n_worst=worst, flag_above=flag_above, pred_dirs=pred or ()
+    )
     console.print(f"wrote {result.html} ({len(result.figures)} figure(s) in {result.files_dir})")
 
 

@@ -9,12 +9,17 @@ Two kinds of directory are understood:
   ``pred_<stage>`` (an explicitly named directory wins over ``predictions``);
 * a **cross-validation** directory with ``cv.json`` (:mod:`landmark3d.engine.cv`): the pooled
   summaries come from ``cv.json``, the per-instance errors from each fold's ``metrics.json``.
+
+A single run's evaluated predictions may also lie outside it (``landmark3d predict --out pred/``
+then ``evaluate --pred pred/``): pass those directories as ``pred_dirs``
+(``landmark3d report RUN --pred pred/``); see :func:`stage_of_prediction_dir` for their stage.
 """
 
 from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -136,6 +141,41 @@ def prediction_dirs(run: Path) -> dict[str, Path]:
     return dict(sorted(found.items(), key=lambda kv: _stage_key(kv[0])))
 
 
+def stage_of_prediction_dir(run: Path, pred_dir: Path) -> str:
+    """The stage of an evaluated prediction directory given explicitly (``report --pred``).
+
+    ``predictions_<stage>`` and ``pred_<stage>`` name their stage; any other name holds what
+    ``landmark3d predict`` writes by default for ``run`` (:func:`default_prediction_stage`).
+    """
+    name = Path(pred_dir).resolve().name
+    for prefix in ("predictions_", "pred_"):
+        if name.startswith(prefix) and len(name) > len(prefix):
+            return name[len(prefix) :]
+    return default_prediction_stage(run)
+
+
+def _explicit_prediction_dirs(run: Path, pred_dirs: Sequence[Path]) -> dict[str, Path]:
+    """Stage -> directory of the ``--pred`` directories (each must hold a ``metrics.json``)."""
+    found: dict[str, Path] = {}
+    for d in map(Path, pred_dirs):
+        if not (d / METRICS_JSON).is_file():
+            raise Landmark3dError(
+                f"no {METRICS_JSON} in this prediction directory (not evaluated yet).",
+                path=d,
+                fix=f"run `landmark3d evaluate --pred {d} --truth <dataset>` first.",
+            )
+        stage = stage_of_prediction_dir(run, d)
+        if stage in found:
+            raise Landmark3dError(
+                f"two --pred directories hold the {stage!r} stage: {found[stage]} and {d}.",
+                path=d,
+                fix="name each directory after its stage (predictions_coarse, "
+                "predictions_fine, predictions_correlated) or pass only one per stage.",
+            )
+        found[stage] = d
+    return found
+
+
 def table_from_metrics(metrics: dict[str, Any]) -> ErrorTable:
     """The (cases x landmarks) :class:`ErrorTable` of a ``metrics.json`` dict (its rows)."""
     cases, names = list(metrics["cases"]), list(metrics["landmarks"])
@@ -167,24 +207,42 @@ def _stage(name: str, summary: dict[str, Any], parts: list[tuple[str, Path]]) ->
     return StageData(name, summary, errors, rows, [p for _, p in parts])
 
 
-def load_report_data(root: str | Path) -> ReportData:
+def load_report_data(root: str | Path, pred_dirs: Sequence[str | Path] = ()) -> ReportData:
     """Read a single-run or cross-validation directory (see the module docstring).
 
+    Args:
+        root: the run or cross-validation directory.
+        pred_dirs: evaluated prediction directories of the run kept elsewhere (a single run
+            only); each replaces the run's own directory of the same stage.
+
     Raises:
-        Landmark3dError: no evaluated predictions found, or a JSON file is unreadable.
+        Landmark3dError: no evaluated predictions found, a ``pred_dirs`` entry is not
+            evaluated or repeats a stage, ``pred_dirs`` with a cross-validation, or a JSON
+            file is unreadable.
     """
     root = Path(root)
     cv_path = root / "cv.json"
     if cv_path.is_file():
+        if pred_dirs:
+            raise Landmark3dError(
+                "--pred adds predictions to a single run, not to a cross-validation.",
+                path=root,
+                fix="report the cross-validation without --pred, or pass a run directory.",
+            )
         return _load_cv(root, read_json(cv_path))
-    dirs = prediction_dirs(root)
+    dirs = {
+        **prediction_dirs(root),
+        **_explicit_prediction_dirs(root, [Path(p) for p in pred_dirs]),
+    }
+    dirs = dict(sorted(dirs.items(), key=lambda kv: _stage_key(kv[0])))
     if not dirs:
         raise Landmark3dError(
             "no evaluated predictions here (no predictions*/metrics.json, pred_*/metrics.json "
             "or cv.json).",
             path=root,
-            fix="run `landmark3d predict` and `landmark3d evaluate --out <pred dir>` "
-            "(or `landmark3d demo` / `landmark3d cv`) first.",
+            fix="run `landmark3d predict` and `landmark3d evaluate --pred <pred dir>`, then "
+            "`landmark3d report RUN --pred <pred dir>` if the predictions are outside the run "
+            "(or use `landmark3d demo` / `landmark3d cv`).",
         )
     stages = {}
     for s, d in dirs.items():

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
@@ -155,6 +156,14 @@ def _slice_figures(data: ReportData, files: Path, n_worst: int) -> tuple[list[st
     return parts, written
 
 
+def _shown_path(path: Path, root: Path) -> Path:
+    """``path`` relative to the reported directory, or as given when it lies elsewhere."""
+    try:
+        return path.relative_to(root)
+    except ValueError:
+        return path
+
+
 def _img(png: Path, files: Path, alt: str) -> str:
     return f'<img src="{_esc(files.name)}/{_esc(png.name)}" alt="{_esc(alt)}">'
 
@@ -208,6 +217,7 @@ def build_report(
     overwrite: bool = False,
     n_worst: int = 3,
     flag_above: float = DEFAULT_FLAG_MM,
+    pred_dirs: Sequence[str | Path] = (),
 ) -> ReportResult:
     """Write ``report.html`` and its figures for a run or cross-validation directory.
 
@@ -219,6 +229,8 @@ def build_report(
         n_worst: number of worst cases shown as tri-planar slices.
         flag_above: expected error (mm) above which a prediction is listed first as one to
             check (calibrated runs; absent landmarks are always listed).
+        pred_dirs: evaluated prediction directories of the run kept outside it (see
+            :func:`~landmark3d.reporting.collect.load_report_data`).
 
     Returns:
         :class:`ReportResult`.
@@ -231,7 +243,7 @@ def build_report(
     root = Path(run_dir)
     html_path = Path(out) if out is not None else root / "report.html"
     check_writable(html_path, overwrite)
-    data = load_report_data(root)
+    data = load_report_data(root, pred_dirs)
     files = html_path.parent / f"{html_path.name.split('.')[0]}_files"
     files.mkdir(parents=True, exist_ok=True)
     summaries = {s: st.summary for s, st in data.stages.items()}
@@ -244,7 +256,7 @@ def build_report(
     body.append(
         f'<p class="note">{_esc(kind)} of <code>{_esc(root.resolve())}</code>; '
         f"landmark3d {_esc(__version__)}, {datetime.now().isoformat(timespec='seconds')}. "
-        f"Numbers from {', '.join(f'<code>{_esc(p.relative_to(root))}</code>' for p in data.source_json)}."
+        f"Numbers from {', '.join(f'<code>{_esc(_shown_path(p, root))}</code>' for p in data.source_json)}."
         "</p>"
     )
     if data.failed:
