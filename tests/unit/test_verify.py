@@ -189,8 +189,39 @@ def test_ras_lps_swap_detected(spec: Path) -> None:
     assert p.severity == "error" and p.case == "c2" and p.path == lm
     assert "5 of 5 landmarks lie outside" in p.message and "RAS <-> LPS" in p.message
     assert "probably RAS: set '# CoordinateSystem = RAS'" in p.fix
+    assert p.code == "landmarks_mirrored"
     lm.write_text(lm.read_text().replace("CoordinateSystem = LPS", "CoordinateSystem = RAS"))
     assert verify_dataset(load_dataset(spec)).ok  # the suggested fix works
+
+
+def test_training_refuses_mirrored_landmarks_but_not_a_cropped_scan(
+    spec: Path, tmp_path: Path
+) -> None:
+    """`train` on a case whose landmarks are certainly mirrored fails before writing anything
+    (verify's error, and where to see them all); landmarks merely outside the image (a
+    cropped scan, trained as absent) are not refused."""
+    from landmark3d.config import load_config
+    from landmark3d.data.verify import coordinate_mistakes
+    from landmark3d.engine.run import train_run
+    from landmark3d.errors import DatasetError
+
+    ids = ["c0", "c1", "c2", "c3"]
+    lm = spec.parent / "landmarks"
+    cropped = points(1).copy()
+    cropped[0] = [16.0, 10.0, 500.0]  # beyond the top of the image, not mirrored
+    write_landmarks(LandmarkSet(NAMES, cropped), lm / "c1.csv", overwrite=True)
+    assert coordinate_mistakes(load_dataset(spec), ids) == []
+    write_landmarks(LandmarkSet(NAMES, points(2) * [-1, -1, 1]), lm / "c2.csv", overwrite=True)
+    (mistake,) = coordinate_mistakes(load_dataset(spec), ids)
+    assert mistake.case == "c2" and mistake.code == "landmarks_mirrored"
+    run = tmp_path / "run"
+    with pytest.raises(DatasetError) as info:
+        train_run(load_dataset(spec), load_config("phantom_demo"), run, fold=None, progress=False)
+    assert "case 'c2'" in str(info.value) and "RAS <-> LPS" in str(info.value)
+    assert "landmark3d verify" in str(info.value.fix) and "CoordinateSystem = RAS" in str(
+        info.value.fix
+    )
+    assert not run.exists()  # refused before the run directory was made
 
 
 def test_ras_lps_swap_mrk_json(spec: Path) -> None:

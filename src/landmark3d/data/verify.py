@@ -47,6 +47,8 @@ class Problem:
         path: the file concerned, if any.
         message: what is wrong.
         fix: what to do about it.
+        code: a stable name for the kind of problem, where code acts on it (e.g.
+            ``"landmarks_mirrored"``, see :data:`COORDINATE_MISTAKES`); "" otherwise.
     """
 
     severity: Severity
@@ -54,6 +56,7 @@ class Problem:
     path: Path | None
     message: str
     fix: str
+    code: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -62,6 +65,7 @@ class Problem:
             "path": None if self.path is None else str(self.path),
             "message": self.message,
             "fix": self.fix,
+            **({"code": self.code} if self.code else {}),
         }
 
 
@@ -200,8 +204,10 @@ class _Collector:
         self.per_case: dict[str, list[Problem]] = {}
         self.folds: list[Problem] = []
 
-    def case(self, severity: Severity, case: str, path: Path | None, msg: str, fix: str) -> None:
-        self.per_case.setdefault(case, []).append(Problem(severity, case, path, msg, fix))
+    def case(
+        self, severity: Severity, case: str, path: Path | None, msg: str, fix: str, code: str = ""
+    ) -> None:
+        self.per_case.setdefault(case, []).append(Problem(severity, case, path, msg, fix, code))
 
     def ordered(self, case_ids: list[str]) -> list[Problem]:
         out = list(self.general)
@@ -322,13 +328,15 @@ def _check_inside(
     msg = f"{len(outside)} of {len(names)} landmarks lie outside the image: {', '.join(outside)}."
     if geometry.contains_world(lps_to_ras(pts)).all():
         msg += " With x and y negated (RAS <-> LPS) all of them would lie inside."
-        fix = _flip_fix(ds, case, source)
+        fix, code = _flip_fix(ds, case, source), "landmarks_mirrored"
     elif geometry.contains_index(pts).all():
         msg += " As voxel indices they would all lie inside: they look like indices, not mm."
         fix = "convert the landmarks to world coordinates in mm (origin + direction @ (spacing * index))."
-    else:
+        code = "landmarks_as_indices"
+    else:  # also a cropped scan's landmarks, which training treats as absent
         fix = "check that the landmark file belongs to this image and is in world mm."
-    out.case("error", case.id, source, msg, fix)
+        code = "landmarks_outside"
+    out.case("error", case.id, source, msg, fix, code)
 
 
 def _check_landmarks(
@@ -482,6 +490,24 @@ def _summarise(
             lm.spread_mm = float(np.sqrt(np.sum(lm.sd_mm**2)))
         s.landmarks.append(lm)
     return s
+
+
+#: Problems that are coordinate mistakes beyond reasonable doubt (every landmark outside the
+#: image would lie inside in the other convention, or as voxel indices): training refuses them.
+COORDINATE_MISTAKES = ("landmarks_mirrored", "landmarks_as_indices")
+
+
+def coordinate_mistakes(ds: Dataset, case_ids: list[str]) -> list[Problem]:
+    """The :data:`COORDINATE_MISTAKES` among ``case_ids`` (image headers and landmark files
+    only: fast). Landmarks simply outside the image are not among them: a cropped scan's
+    landmarks are trained as absent."""
+    out = _Collector()
+    for cid in case_ids:
+        case = ds.case(cid)
+        geometry = _check_image(ds, case, False, out, CaseSummary(case.id))
+        if geometry is not None:
+            _check_landmarks(ds, case, geometry, out)
+    return [p for p in out.ordered(case_ids) if p.code in COORDINATE_MISTAKES]
 
 
 def verify_dataset(

@@ -220,6 +220,23 @@ def _warm_cache(cache: CaseCache, dataset: Dataset, ids: Sequence[str], ctx: Dis
     on_main(prepare, ctx)
 
 
+def _refuse_coordinate_mistakes(dataset: Dataset, case_ids: list[str]) -> None:
+    """Refuse, before anything is written, training cases whose landmarks are certainly in
+    the wrong convention (mirrored RAS/LPS, or voxel indices): ``landmark3d verify`` reports
+    them as errors, and training on them would teach mirrored anatomy."""
+    from landmark3d.data.verify import coordinate_mistakes
+
+    found = coordinate_mistakes(dataset, case_ids)
+    if found:
+        first = found[0]
+        more = f" ({len(found) - 1} more case(s) alike)" if len(found) > 1 else ""
+        raise DatasetError(
+            f"case {first.case!r}: {first.message}{more}",
+            path=first.path,
+            fix=f"{first.fix.rstrip('.')}; `landmark3d verify {dataset.source}` lists them all.",
+        )
+
+
 def train_run(
     dataset: Dataset,
     config: ExperimentConfig,
@@ -236,7 +253,9 @@ def train_run(
 
     Raises:
         ConfigError: unknown stage, or ``resume`` with another config than the run's.
-        DatasetError / CheckpointError / OutputExistsError: from the data and trainer.
+        DatasetError: a training or validation case's landmarks are mirrored (RAS/LPS) or
+            voxel indices (nothing is written then); and from the data.
+        CheckpointError / OutputExistsError: from the trainer.
     """
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
@@ -245,6 +264,7 @@ def train_run(
     config_path = run / "config.json"
     ctx = init_distributed(config.device)  # no-op unless started by torchrun with K > 1
     split = make_split(dataset, fold, config.seed, val_fraction)
+    on_main(lambda: _refuse_coordinate_mistakes(dataset, split.train + split.val), ctx)
 
     def set_up() -> Plan:
         _check_run_dir(run, config, stages, resume, overwrite)
