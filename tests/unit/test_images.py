@@ -348,6 +348,21 @@ def test_nifti_with_sheared_sform_says_not_orthonormal(tmp_path, suffix):
     assert e.value.path == sheared
 
 
+def test_itk_warnings_are_silenced_and_our_check_reports_the_problem(tmp_path, capfd):
+    """ITK would print "WARNING: In .../itkNiftiImageIO.cxx ... unexpected scales in sform"
+    and use the qform; the raw line stays off the console and our own error says why."""
+    path = write_image(_image(), tmp_path / "a.nii")
+    data = bytearray(path.read_bytes())  # qform kept (code 1), sform sheared
+    data[280:328] = struct.pack("<12f", -1, 0.5, 0, 0, 0, -1, 0, 0, 0, 0, 2, 0)
+    path.write_bytes(bytes(data))
+    capfd.readouterr()
+    with pytest.raises(ImageError, match=r"not orthonormal .*0\.447 in the sform.*qform"):
+        read_image(path)
+    err = capfd.readouterr().err
+    assert "WARNING" not in err and "itkNiftiImageIO" not in err, err
+    assert sitk.ProcessObject.GetGlobalWarningDisplay()  # switched back on afterwards
+
+
 def test_nonfinite_voxels(tmp_path):
     values = np.zeros(GEOM.size, np.float32)
     values[0, 0, 0] = np.nan

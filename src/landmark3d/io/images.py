@@ -21,6 +21,8 @@ from __future__ import annotations
 import os
 import re
 import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -289,6 +291,9 @@ def read_image(
             is read); None = ``$LANDMARK3D_MAX_VOXELS`` or 2**30 (see
             :mod:`landmark3d.limits`).
 
+    ITK's own warnings (printed straight to stderr) are switched off while reading: the
+    checks here report the problems they hint at, as :class:`ImageError` with a fix.
+
     Returns:
         The image with the file's spacing, origin and direction (LPS). A 4D image whose 4th
         axis has length 1 is returned as 3D.
@@ -297,7 +302,25 @@ def read_image(
         ImageError: the file is missing, empty, unreadable, truncated, larger than the voxel
             budget, or the image is not a usable 3D scalar image (see :func:`image_problems`).
     """
-    p = Path(path)
+    with _itk_warnings_off():
+        return _read_image(Path(path), allow_nonfinite, series_uid, max_voxels)
+
+
+@contextmanager
+def _itk_warnings_off() -> Iterator[None]:
+    """Switch ITK's global warning display off (and back to what it was afterwards)."""
+    previous = sitk.ProcessObject.GetGlobalWarningDisplay()
+    sitk.ProcessObject.SetGlobalWarningDisplay(False)
+    try:
+        yield
+    finally:
+        sitk.ProcessObject.SetGlobalWarningDisplay(previous)
+
+
+def _read_image(
+    p: Path, allow_nonfinite: bool, series_uid: str | None, max_voxels: int | None
+) -> sitk.Image:
+    """:func:`read_image` without the warning switch."""
     if not p.exists():
         raise ImageError(
             "image file not found.",
@@ -341,6 +364,13 @@ def read_image(
                     f"again ({_FORMATS_HINT})."
                 )
             raise ImageError(f"cannot read the image: {detail}.", path=p, fix=fix) from e
+        if suffix in (".nii", ".nii.gz"):
+            shear = nifti_sform_shear(p, suffix)
+            if shear is not None and shear > _ORTHONORMAL_TOL:  # ITK fell back to the qform
+                problem, fix = _not_orthonormal(shear, " in the sform")
+                raise ImageError(
+                    f"{problem} (ITK would silently use the qform instead.)", path=p, fix=fix
+                )
         if scan is not None and scan.nan + scan.inf:
             if not allow_nonfinite:
                 raise ImageError(
