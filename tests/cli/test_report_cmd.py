@@ -85,3 +85,38 @@ def test_report_pred_errors_are_one_clear_line(phantom_dir: Path, tmp_path: Path
     res = cli("report", run, "--pred", a, "--pred", b)
     assert res.code == 1 and "two --pred directories" in res.err
     assert not (run / "report.html").exists()
+
+
+def test_worst_case_caption_names_exactly_the_markers_drawn(
+    phantom_dir: Path, tmp_path: Path, monkeypatch, cli
+) -> None:
+    """The caption's key is the set of (label, marker, colour) the slice figures draw."""
+    from landmark3d.reporting import html
+    from landmark3d.reporting.slices import triplanar_figure
+
+    drawn: set[tuple[str, str]] = set()
+
+    def recording(volume, rows, title=""):  # type: ignore[no-untyped-def]
+        for _, markers in rows:
+            drawn.update((m.label, html.describe_marker((m.marker, m.color))) for m in markers)
+        return triplanar_figure(volume, rows, title)
+
+    monkeypatch.setattr(html, "triplanar_figure", recording)
+    run = tmp_path / "run"
+    _run_dir(phantom_dir, run)
+    preds = []
+    for stage, shift in (("fine", 2.0), ("correlated", 1.0)):
+        preds += ["--pred", tmp_path / f"predictions_{stage}"]
+        _evaluated_predictions(cli, phantom_dir, tmp_path / f"predictions_{stage}", shift)
+    res = cli("report", run, *preds, "--worst", "1")
+    assert res.code == 0, res.err
+    page = (run / "report.html").read_text()
+    caption = page.split("direction (R/L, A/P, S/I). ")[1].split(". A prediction")[0]
+    shown = {tuple(part.split(": ")) for part in caption.split("; ")}
+    drawn = {("Truth" if label == "truth" else label, style) for label, style in drawn}
+    assert shown == drawn
+    assert shown == {
+        ("Truth", "green ○"),
+        ("coarse + fine", "red +"),
+        ("coarse + fine + correlated", "cyan ◇"),
+    }

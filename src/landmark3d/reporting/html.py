@@ -34,7 +34,15 @@ from landmark3d.reporting.tables import (
 )
 
 PRED_MARKERS = {"coarse": ("x", "orange"), "fine": ("+", "red"), "correlated": ("D", "cyan")}
+"""Stage -> (matplotlib marker, colour) of its predictions in the worst-case slices."""
+OTHER_MARKER = ("s", "magenta")
+"""Marker of a stage not in :data:`PRED_MARKERS`."""
 TRUTH_MARKER = ("o", "lime")
+MARKER_SYMBOLS = {"o": "○", "x": "×", "+": "+", "D": "◇", "s": "□"}
+"""How the caption writes a matplotlib marker (filled shapes are drawn hollow, see
+:func:`~landmark3d.reporting.slices.draw_view`)."""
+COLOR_NAMES = {"lime": "green"}
+"""How the caption names a matplotlib colour (others by their own name)."""
 CSS = """
 body{font-family:system-ui,-apple-system,Segoe UI,Helvetica,Arial,sans-serif;margin:2em auto;
 max-width:1150px;color:#222;line-height:1.4;padding:0 1em}
@@ -109,6 +117,28 @@ def _load_dataset_for(run: Path, cache: dict[str, Any]) -> Any:
     return cache[src]
 
 
+def marker_style(stage: str) -> tuple[str, str]:
+    """(matplotlib marker, colour) of ``stage``'s predictions in the worst-case slices."""
+    return PRED_MARKERS.get(stage, OTHER_MARKER)
+
+
+def describe_marker(style: tuple[str, str]) -> str:
+    """A (marker, colour) as the caption writes it, e.g. ``("x", "orange")`` -> ``orange ×``."""
+    marker, color = style
+    return f"{COLOR_NAMES.get(color, color)} {MARKER_SYMBOLS.get(marker, repr(marker))}"
+
+
+def marker_legend(stages: list[str]) -> str:
+    """The caption's key to the markers drawn for truth and ``stages`` (figure legend labels).
+
+    Built from the same table as the figures (:func:`marker_style`), so it names exactly the
+    markers drawn: e.g. ``Truth: green ○; coarse only: orange ×; coarse + fine: red +``.
+    """
+    parts = [f"Truth: {describe_marker(TRUTH_MARKER)}"]
+    parts += [f"{stage_label(s)}: {describe_marker(marker_style(s))}" for s in stages]
+    return "; ".join(parts)
+
+
 def _slice_figures(data: ReportData, files: Path, n_worst: int) -> tuple[list[str], list[Path]]:
     """Tri-planar figures of the worst cases: (HTML fragments, PNG paths)."""
     parts: list[str] = []
@@ -137,7 +167,7 @@ def _slice_figures(data: ReportData, files: Path, n_worst: int) -> tuple[list[st
                 if not markers and r["truth"] is not None:
                     markers.append(Marker("truth", np.asarray(r["truth"]), *TRUTH_MARKER))
                 if r["pred"] is not None:
-                    style = PRED_MARKERS.get(st.name, ("s", "magenta"))
+                    style = marker_style(st.name)
                     markers.append(Marker(stage_label(st.name), np.asarray(r["pred"]), *style))
             if markers and markers[0].label == "truth":
                 rows.append((name, markers))
@@ -292,8 +322,8 @@ def build_report(
         "through each annotated landmark, drawn in millimetres (true aspect ratio). "
         f"<b>{CONVENTION.capitalize()} convention</b>: patient's right on the image's left "
         "(axial, coronal), anterior on the left (sagittal); letters at the edges give the "
-        "direction (R/L, A/P, S/I). Truth: green circle; coarse: orange ×; coarse + fine: "
-        "red +. A prediction away from the slice is shown at its projection.</p>"
+        f"direction (R/L, A/P, S/I). {_esc(marker_legend(list(data.stages)))}. "
+        "A prediction away from the slice is shown at its projection.</p>"
     )
     parts, pngs = _slice_figures(data, files, n_worst)
     written += pngs
