@@ -209,6 +209,46 @@ def test_dicom_directory_with_two_series_or_none(tmp_path):
         read_image(next((tmp_path / "d").iterdir()))
 
 
+def test_dicom_series_with_a_missing_slice_is_refused(tmp_path, capfd):
+    """ITK would stack the slices evenly (mean step) and only print a warning: every slice
+    past the gap would be ~1 slice step off. We check the positions and refuse."""
+    geom = Geometry((6, 5, 9), (0.8, 0.9, 2.5), (-10.0, 20.0, 30.0), OBLIQUE @ np.diag([1, -1, 1]))
+    vol = Volume.from_sitk(_image(np.int16, geom), np.int16)
+    uid = "1.2.826.0.1.3680043.8.498.20"
+    _write_dicom_series(tmp_path / "s", vol, uid)
+    image = read_image(tmp_path / "s")  # intact: reads with the right geometry
+    _assert_same_geometry(image, geom, 1e-3)
+    (tmp_path / "s" / f"{uid}-004.dcm").unlink()
+    capfd.readouterr()
+    with pytest.raises(ImageError, match=r"not evenly spaced") as e:
+        read_image(tmp_path / "s")
+    message = str(e.value)
+    assert str(tmp_path / "s") in message
+    assert f"{uid}-003.dcm" in message and f"{uid}-005.dcm" in message  # the slices either side
+    assert "5.00 mm apart, 1 slice(s) missing" in message and "usual step is 2.50 mm" in message
+    assert "complete series" in (e.value.fix or "")
+    assert "Non uniform sampling" not in capfd.readouterr().err  # ITK's raw warning is silenced
+    (tmp_path / "s" / f"{uid}-005.dcm").unlink()  # two missing: named as such
+    with pytest.raises(ImageError, match=r"7\.50 mm apart, 2 slice\(s\) missing"):
+        read_image(tmp_path / "s")
+
+
+def test_dicom_series_with_a_repeated_position_is_refused(tmp_path):
+    geom = Geometry((4, 4, 5), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    vol = Volume(np.ones(geom.size, np.int16), geom)
+    _write_dicom_series(tmp_path / "s", vol, "1.2.3.4.300")
+    repeat = sitk.ReadImage(str(tmp_path / "s" / "1.2.3.4.300-002.dcm"))
+    repeat.SetMetaData("0008|0018", "1.2.3.4.300.99")
+    repeat.SetMetaData("0020|0013", "99")
+    writer = sitk.ImageFileWriter()
+    writer.KeepOriginalImageUIDOn()
+    writer.SetFileName(str(tmp_path / "s" / "1.2.3.4.300-099.dcm"))
+    writer.Execute(repeat)
+    with pytest.raises(ImageError, match=r"are at the same position") as e:
+        read_image(tmp_path / "s")
+    assert "one acquisition per directory" in (e.value.fix or "")
+
+
 # ---------------------------------------------------------------------------------- bad files
 def test_missing_empty_and_garbage_files(tmp_path):
     with pytest.raises(ImageError, match="not found") as e:

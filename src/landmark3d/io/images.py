@@ -8,7 +8,8 @@ exactly as SimpleITK reads them (world = LPS mm, see ``docs/coordinates.md``).
 missing/empty/corrupt or truncated files, images that are not 3D (a 4D image whose 4th axis has
 length 1 is squeezed to 3D), multi-component (vector/RGB/complex) images, zero-size axes,
 zero/negative/non-finite or implausible spacing (outside 0.01-100 mm: a header in metres or
-micrometres), non-orthonormal direction matrices, non-finite origin, NaN/inf voxels (unless
+micrometres), non-orthonormal direction matrices, non-finite origin, DICOM series whose slices are not
+evenly spaced (a missing or repeated slice), NaN/inf voxels (unless
 ``allow_nonfinite=True``) and images larger than the voxel budget (``LANDMARK3D_MAX_VOXELS``,
 checked from the header before voxels are read; see :mod:`landmark3d.limits`). :func:`image_problems` is the non-raising
 variant used by dataset verification.
@@ -27,6 +28,7 @@ from pathlib import Path
 
 import numpy as np
 import SimpleITK as sitk
+from numpy.typing import NDArray
 
 from landmark3d.errors import ImageError
 from landmark3d.geometry.space import Volume
@@ -46,6 +48,10 @@ _NONFINITE_FIX = (
     "intensity) and save it again, or leave the case out of the dataset "
     "(Python API: allow_nonfinite=True accepts them)."
 )
+# DICOM slice positions: allowed deviation from the median slice step (fraction of the step,
+# but at least this many mm; covers positions rounded in the header)
+_SLICE_STEP_TOL = 0.2
+_SLICE_POSITION_TOL_MM = 0.1
 _FORMATS_HINT = ".nii.gz, .nii, .nrrd, .nhdr, .mha, .mhd or a DICOM series directory"
 
 
@@ -248,14 +254,100 @@ def _dicom_series(
             components=header[1],
         )  # fmt: skip
     reader.SetFileNames(files)
+    reader.MetaDataDictionaryArrayUpdateOn()  # per-slice tags, for the position check
     try:
-        return reader.Execute()
+        image = reader.Execute()
     except RuntimeError as e:
         raise ImageError(
             f"cannot read DICOM series {series_uid}: {_sitk_message(e)}.",
             path=directory,
             fix="check that the series is complete and its files are not damaged.",
         ) from e
+    _check_slice_positions(reader, list(files), directory, series_uid)
+    return image
+
+
+def _ds_numbers(reader: sitk.ImageSeriesReader, index: int, tag: str, n: int) -> NDArray | None:
+    """The ``n`` numbers of a decimal-string tag of slice ``index``; None if absent/malformed."""
+    if not reader.HasMetaDataKey(index, tag):
+        return None
+    try:
+        values = np.array([float(v) for v in reader.GetMetaData(index, tag).split("\\")])
+    except ValueError:
+        return None
+    return values if values.shape == (n,) and np.all(np.isfinite(values)) else None
+
+
+def _slice_positions(reader: sitk.ImageSeriesReader, count: int) -> NDArray | None:
+    """Each slice's ImagePositionPatient projected on the slice normal, mm; shape ``(count,)``.
+
+    The normal is row x column of the first slice's ImageOrientationPatient. None when a slice
+    lacks these tags (then ITK has no positions to misplace either).
+    """
+    iop = _ds_numbers(reader, 0, "0020|0037", 6)
+    if iop is None:
+        return None
+    normal = np.cross(iop[:3], iop[3:])
+    if not np.linalg.norm(normal) > 0:
+        return None
+    normal /= np.linalg.norm(normal)
+    out = np.empty(count)
+    for i in range(count):
+        ipp = _ds_numbers(reader, i, "0020|0032", 3)
+        if ipp is None:
+            return None
+        out[i] = float(ipp @ normal)
+    return out
+
+
+def _check_slice_positions(
+    reader: sitk.ImageSeriesReader, files: list[str], directory: Path, series_uid: str
+) -> None:
+    """Raise :class:`ImageError` unless the slices are evenly spaced along the slice normal.
+
+    ITK stacks the slices on a grid with the mean slice step and only prints a warning when
+    they are not evenly spaced: after a missing slice every later slice would sit a whole
+    slice step away from where it was acquired. Refused: a step differing from the median step
+    by more than ``_SLICE_STEP_TOL`` of it (at least ``_SLICE_POSITION_TOL_MM``), or any slice
+    further than that from ITK's evenly spaced grid (a drifting step).
+    """
+    if len(files) < 3:
+        return
+    positions = _slice_positions(reader, len(files))
+    if positions is None:
+        return
+    order = np.argsort(positions, kind="stable")
+    z = positions[order]
+    steps = np.diff(z)
+    median = float(np.median(steps))
+    tol = max(_SLICE_STEP_TOL * median, _SLICE_POSITION_TOL_MM)
+    grid_step = (z[-1] - z[0]) / (len(z) - 1)  # what ITK uses
+    off = float(np.max(np.abs(z - (z[0] + grid_step * np.arange(len(z))))))
+    bad = np.flatnonzero(np.abs(steps - median) > tol)
+    if bad.size == 0 and off <= tol:
+        return
+    name = [Path(files[i]).name for i in order]
+    found: list[str] = []
+    for i in bad[:3]:
+        between = f"{name[i]} ({z[i]:.2f} mm) and {name[i + 1]} ({z[i + 1]:.2f} mm)"
+        if steps[i] <= tol:
+            found.append(f"{between} are at the same position")
+        else:
+            missing = int(np.rint(steps[i] / median)) - 1 if median > tol else 0
+            guess = f", {missing} slice(s) missing?" if missing >= 1 else ""
+            found.append(f"{between} are {steps[i]:.2f} mm apart{guess}")
+    if bad.size > 3:
+        found.append(f"{bad.size - 3} more uneven step(s)")
+    if not found:
+        found.append(f"the slice step drifts from {steps.min():.2f} to {steps.max():.2f} mm")
+    raise ImageError(
+        f"DICOM series {series_uid} is not evenly spaced: {'; '.join(found)} (positions along "
+        f"the slice normal; the usual step is {median:.2f} mm). Read as one volume, slices "
+        f"would be misplaced by up to {off:.2f} mm.",
+        path=directory,
+        fix="copy or export the complete series again (a slice file is probably missing); "
+        "if slices repeat, keep one acquisition per directory.",
+    )
 
 
 def _squeeze_4d(image: sitk.Image) -> sitk.Image:
