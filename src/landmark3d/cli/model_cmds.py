@@ -157,6 +157,51 @@ def prior(
 
 
 # ----------------------------------------------------------------------------- train
+SET_UP_ENTRIES = frozenset({"config.json", "split.json", "plan.json", "cache"})
+"""What ``train_run`` writes into the run directory before the first stage starts."""
+
+
+def _is_empty_dir(path: Path) -> bool:
+    return path.is_dir() and not any(path.iterdir())
+
+
+def _missing_dirs(path: Path) -> list[Path]:
+    """``path`` and its ancestors that do not exist yet, deepest first."""
+    missing = []
+    for p in (path, *path.parents):
+        if p.exists() or p.is_symlink():
+            break
+        missing.append(p)
+    return missing
+
+
+def _remove_set_up_stub(run: Path, created: list[Path], was_empty: bool) -> None:
+    """After a failed ``train``: remove what its set-up wrote, if nothing else is there.
+
+    Only a run directory this invocation created (``created``, deepest first, with the parents
+    it made) or found empty is touched, and only when it holds nothing but the set-up files
+    (:data:`SET_UP_ENTRIES`); once a stage has started (its logs help, ``--resume`` continues
+    it) or the directory held anything before, it is left as it is. Rank 0 only under torchrun.
+    """
+    import os
+    import shutil
+
+    if os.environ.get("RANK", "0") != "0" or not (created or was_empty) or not run.is_dir():
+        return
+    if {p.name for p in run.iterdir()} - SET_UP_ENTRIES:
+        return
+    for child in run.iterdir():
+        if child.is_dir() and not child.is_symlink():
+            shutil.rmtree(child, ignore_errors=True)
+        else:
+            child.unlink(missing_ok=True)
+    for d in created:  # the run directory, then the parents made for it, while empty
+        try:
+            d.rmdir()
+        except OSError:
+            break
+
+
 @app.command()
 def train(
     config: ConfigOption,
@@ -194,17 +239,23 @@ def train(
 
     ds = load_dataset(dataset)
     cfg = _load_config(config, overrides)
-    with distributed_session(cfg.device) as ctx:  # torchrun: one process group for the run
-        result = train_run(
-            ds,
-            cfg,
-            out,
-            fold=None if fold is not None and fold < 0 else fold,
-            stages=tuple(stage or STAGES),
-            resume=resume,
-            overwrite=overwrite,
-            cache_dir=cache,
-        )
+    created = _missing_dirs(out)  # out and the parents this invocation may create
+    was_empty = _is_empty_dir(out)
+    try:
+        with distributed_session(cfg.device) as ctx:  # torchrun: one process group for the run
+            result = train_run(
+                ds,
+                cfg,
+                out,
+                fold=None if fold is not None and fold < 0 else fold,
+                stages=tuple(stage or STAGES),
+                resume=resume,
+                overwrite=overwrite,
+                cache_dir=cache,
+            )
+    except BaseException:
+        _remove_set_up_stub(out, created, was_empty)
+        raise
     if not ctx.is_main:
         return
     for name, r in result.results.items():
@@ -480,10 +531,6 @@ PHANTOM_TOOL = "landmark3d phantom"
 """``generator.tool`` of a ``dataset.json`` written by :func:`~landmark3d.data.phantom.generate_phantom`."""
 PHANTOM_ENTRIES = frozenset({"dataset.json", "images", "landmarks"})
 """Everything ``generate_phantom`` writes into its directory."""
-
-
-def _is_empty_dir(path: Path) -> bool:
-    return path.is_dir() and not any(path.iterdir())
 
 
 def _phantom_generator(data: Path) -> dict[str, Any] | None:
