@@ -45,10 +45,11 @@ def _assert_same_geometry(image: sitk.Image, geometry: Geometry, tol: float) -> 
     np.testing.assert_allclose(got.direction, geometry.direction, atol=tol)
 
 
-def _write_mhd(path: Path, header: str, dims: str = "4 3 2", data_bytes: int | None = None):
+def _write_mhd(path: Path, header: str, dims: str = "4 5 4", data_bytes: int | None = None):
     """A hand-made MetaImage header (float32 data file) to produce bad headers."""
     raw = path.with_suffix(".raw")
-    raw.write_bytes(np.zeros(24 if data_bytes is None else data_bytes, np.float32).tobytes())
+    n = int(np.prod([int(d) for d in dims.split()])) if data_bytes is None else data_bytes
+    raw.write_bytes(np.zeros(n, np.float32).tobytes())
     path.write_text(
         f"ObjectType = Image\nNDims = 3\nDimSize = {dims}\n{header}\n"
         f"ElementType = MET_FLOAT\nElementDataFile = {raw.name}\n"
@@ -189,7 +190,7 @@ def test_dicom_series_round_trip(tmp_path):
 
 
 def test_dicom_directory_with_two_series_or_none(tmp_path):
-    geom = Geometry((4, 4, 3), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
+    geom = Geometry((4, 4, 4), (1.0, 1.0, 2.0), (0.0, 0.0, 0.0))
     vol = Volume(np.ones(geom.size, np.int16), geom)
     _write_dicom_series(tmp_path / "d", vol, "1.2.3.4.100")
     shifted = Geometry(geom.size, geom.spacing, (0.0, 0.0, 50.0))
@@ -307,7 +308,7 @@ def test_not_3d(tmp_path):
 
 
 def test_4d_with_singleton_axis_is_squeezed(tmp_path):
-    four = sitk.Image([3, 4, 5, 1], sitk.sitkInt16)
+    four = sitk.Image([4, 5, 6, 1], sitk.sitkInt16)
     four.SetSpacing((0.5, 0.6, 0.7, 3.0))
     four.SetOrigin((1.0, 2.0, 3.0, 0.0))
     d4 = np.eye(4)
@@ -316,9 +317,21 @@ def test_4d_with_singleton_axis_is_squeezed(tmp_path):
     four.SetPixel([2, 3, 4, 0], 42)
     write_image(four, tmp_path / "four.nrrd")
     image = read_image(tmp_path / "four.nrrd")
-    assert image.GetDimension() == 3 and image.GetSize() == (3, 4, 5)
+    assert image.GetDimension() == 3 and image.GetSize() == (4, 5, 6)
     assert image.GetPixel(2, 3, 4) == 42
-    _assert_same_geometry(image, Geometry((3, 4, 5), (0.5, 0.6, 0.7), (1, 2, 3), OBLIQUE), 1e-9)
+    _assert_same_geometry(image, Geometry((4, 5, 6), (0.5, 0.6, 0.7), (1, 2, 3), OBLIQUE), 1e-9)
+
+
+@pytest.mark.parametrize("size", [(98, 102, 1), (1, 40, 40), (30, 3, 30)])
+def test_single_slice_or_thin_volume_is_refused(tmp_path, size):
+    """A "3D" image of one slice (or a 3-slice slab) gives meaningless 3D landmarks."""
+    path = write_image(sitk.Image(list(size), sitk.sitkInt16), tmp_path / "thin.nii.gz")
+    shown = "x".join(map(str, size))
+    with pytest.raises(ImageError, match=rf"size {shown}, fewer than 4 voxels") as e:
+        read_image(path)
+    assert e.value.path == path and "whole 3D volume" in (e.value.fix or "")
+    assert any("too thin" in p for p in image_problems(sitk.Image(list(size), sitk.sitkInt16)))
+    assert image_problems(sitk.Image([4, 4, 4], sitk.sitkInt16)) == []  # 4 per axis is enough
 
 
 def test_vector_image(tmp_path):
@@ -362,7 +375,7 @@ def test_non_orthonormal_direction(tmp_path):
     with pytest.raises(ImageError, match="not orthonormal") as e:
         read_image(path)
     assert "resample" in e.value.fix
-    image = sitk.Image([3, 3, 3], sitk.sitkFloat32)
+    image = sitk.Image([4, 4, 4], sitk.sitkFloat32)
     image.SetDirection((1.0, 0, 0, 0, 1.0, 0, 0, 0, 1.0 + 1e-6))  # float32-level noise is fine
     assert image_problems(image) == []
 
@@ -436,7 +449,7 @@ def test_nonfinite_voxels_other_formats(tmp_path, suffix):
 
 def test_image_problems_lists_every_problem_and_valid_image_has_none():
     assert image_problems(_image()) == []
-    bad = sitk.Image([3, 3, 3], sitk.sitkFloat64)
+    bad = sitk.Image([4, 4, 4], sitk.sitkFloat64)
     bad.SetSpacing((float("nan"), 1.0, 1.0))
     bad.SetDirection((1.0, 0.3, 0, 0, 1.0, 0, 0, 0, 1.0))
     bad.SetPixel(0, 0, 0, float("nan"))

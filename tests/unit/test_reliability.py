@@ -156,7 +156,7 @@ def test_float64_voxels_beyond_float32_are_refused_by_prepare_case() -> None:
 
 
 # ====================================================================== spacing and size
-def _mhd(path: Path, spacing: str, dims: str = "4 3 2", element_bytes: int = 4) -> Path:
+def _mhd(path: Path, spacing: str, dims: str = "4 5 4", element_bytes: int = 4) -> Path:
     raw = path.with_suffix(".raw")
     n = int(np.prod([int(d) for d in dims.split()]))
     raw.write_bytes(b"\0" * min(n * element_bytes, 1 << 20))

@@ -6,13 +6,14 @@ exactly as SimpleITK reads them (world = LPS mm, see ``docs/coordinates.md``).
 
 :func:`read_image` refuses images the rest of landmark3d cannot use and says how to fix them:
 missing/empty/corrupt or truncated files, images that are not 3D (a 4D image whose 4th axis has
-length 1 is squeezed to 3D), multi-component (vector/RGB/complex) images, zero-size axes,
-zero/negative/non-finite or implausible spacing (outside 0.01-100 mm: a header in metres or
-micrometres), non-orthonormal direction matrices, non-finite origin, DICOM series whose slices are not
-evenly spaced (a missing or repeated slice), NaN/inf voxels (unless
-``allow_nonfinite=True``) and images larger than the voxel budget (``LANDMARK3D_MAX_VOXELS``,
-checked from the header before voxels are read; see :mod:`landmark3d.limits`). :func:`image_problems` is the non-raising
-variant used by dataset verification.
+length 1 is squeezed to 3D), multi-component (vector/RGB/complex) images, zero-size axes or
+fewer than 4 voxels along an axis (a single slice), zero/negative/non-finite or implausible
+spacing (outside 0.01-100 mm: a header in metres or micrometres), non-orthonormal direction
+matrices, non-finite origin, DICOM series whose slices are not evenly spaced (a missing or
+repeated slice), NaN/inf voxels (unless ``allow_nonfinite=True``) and images larger than the
+voxel budget (``LANDMARK3D_MAX_VOXELS``, checked from the header before voxels are read; see
+:mod:`landmark3d.limits`). :func:`image_problems` is the non-raising variant used by dataset
+verification. ITK's own warnings are not printed while reading.
 
 This module never imports torch.
 """
@@ -48,6 +49,8 @@ _NONFINITE_FIX = (
     "intensity) and save it again, or leave the case out of the dataset "
     "(Python API: allow_nonfinite=True accepts them)."
 )
+#: Fewest voxels along any axis of an image used for landmarks (fewer: a slice, not a volume).
+MIN_AXIS_VOXELS = 4
 # DICOM slice positions: allowed deviation from the median slice step (fraction of the step,
 # but at least this many mm; covers positions rounded in the header)
 _SLICE_STEP_TOL = 0.2
@@ -112,6 +115,15 @@ def _problems_with_fixes(image: sitk.Image, *, check_voxels: bool = True) -> lis
                 "export the volume again; every axis needs at least one voxel.",
             )
         )
+    elif dim == 3 and min(size) < MIN_AXIS_VOXELS:
+        out.append(
+            (
+                f"image is too thin for 3D landmarks: size {'x'.join(map(str, size))}, fewer "
+                f"than {MIN_AXIS_VOXELS} voxels along an axis (a single slice or slab).",
+                "use the whole 3D volume (e.g. export every slice of the series, not one); "
+                "landmarks cannot be localized in a single slice.",
+            )
+        )
     spacing = np.asarray(image.GetSpacing(), dtype=np.float64)
     if not np.all(np.isfinite(spacing)) or np.any(spacing <= 0):
         out.append(
@@ -161,9 +173,10 @@ def _problems_with_fixes(image: sitk.Image, *, check_voxels: bool = True) -> lis
 def image_problems(image: sitk.Image) -> list[str]:
     """Human sentences for every problem that makes ``image`` unusable; empty if it is fine.
 
-    Checks: 3D, one scalar component, no zero-size axis, positive finite spacing within the
-    plausible range (:data:`landmark3d.limits.MIN_SPACING_MM` - ``MAX_SPACING_MM``), finite
-    origin, orthonormal direction, and the number of NaN / inf voxels. Never raises.
+    Checks: 3D, one scalar component, at least :data:`MIN_AXIS_VOXELS` voxels along each axis
+    (none zero), positive finite spacing within the plausible range
+    (:data:`landmark3d.limits.MIN_SPACING_MM` - ``MAX_SPACING_MM``), finite origin,
+    orthonormal direction, and the number of NaN / inf voxels. Never raises.
     """
     return [problem for problem, _ in _problems_with_fixes(image)]
 
