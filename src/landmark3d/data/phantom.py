@@ -54,6 +54,7 @@ from landmark3d import __version__
 from landmark3d.errors import OutputExistsError
 from landmark3d.geometry.resample import canonical
 from landmark3d.geometry.space import Geometry, Volume
+from landmark3d.io.atomic import publish_mode
 from landmark3d.io.landmark_set import LandmarkSet
 from landmark3d.io.landmarks import write_landmarks
 
@@ -557,6 +558,7 @@ def generate_phantom(
     _check_out_dir(out_dir, overwrite)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    publish_mode(tmp)  # mkdtemp makes it owner-only (0700)
     try:
         (tmp / "images").mkdir()
         (tmp / "landmarks").mkdir()

@@ -44,6 +44,7 @@ from torch import nn
 
 import landmark3d
 from landmark3d.errors import CheckpointError
+from landmark3d.io.atomic import publish_mode
 
 FORMAT_VERSION = 1
 WEIGHTS = "weights.safetensors"
@@ -181,6 +182,7 @@ def _write_json(path: Path, obj: Any) -> None:
 def _write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> str:
     """Write a safetensors file (fsynced); returns its sha256 (hex), recorded in meta.json."""
     save_file(tensors, str(path), metadata={"format": "pt", "landmark3d": landmark3d.__version__})
+    publish_mode(path)  # safetensors writes owner-only (0600) files
     with open(path, "rb+") as fh:
         os.fsync(fh.fileno())
     return hashlib.sha256(path.read_bytes()).hexdigest()
@@ -285,6 +287,8 @@ def save_checkpoint(
     }
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+
+    publish_mode(tmp)  # mkdtemp makes it owner-only (0700)
     try:
         # the digests let a load detect bit rot or a partial overwrite of the tensor data,
         # which safetensors itself (no checksum) would load as silently wrong weights

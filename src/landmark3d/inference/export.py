@@ -54,6 +54,7 @@ from landmark3d.inference.export_networks import (
     preprocessing_recipe,
     write_network,
 )
+from landmark3d.io.atomic import publish_mode
 from landmark3d.packaging import extract_model_archive, is_model_archive
 from landmark3d.planning import Plan
 
@@ -186,6 +187,7 @@ def export_run(
         config, plan, nets = load_run_networks(run, checkpoint, stages)
         dest.parent.mkdir(parents=True, exist_ok=True)
         tmp = Path(tempfile.mkdtemp(prefix=f".{dest.name}.tmp-", dir=dest.parent))
+        publish_mode(tmp)  # mkdtemp makes it owner-only (0700)
         try:
             parity: dict[str, float] = {}
             entries = []

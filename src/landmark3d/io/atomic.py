@@ -27,6 +27,27 @@ def check_writable(path: str | Path, overwrite: bool) -> Path:
     return p
 
 
+def current_umask() -> int:
+    """The process's file-creation mask (e.g. 0o022)."""
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def publish_mode(path: str | Path) -> None:
+    """Give ``path`` the permissions a plain ``open``/``mkdir`` would have given it.
+
+    ``tempfile.mkstemp``/``mkdtemp`` create owner-only files (0600) and directories (0700);
+    an output moved into place from one would stay private whatever the user's umask, and
+    colleagues on a shared cluster could not read the models or predictions.
+    """
+    p = Path(path)
+    if p.is_symlink() or not p.exists():
+        return
+    base = 0o777 if p.is_dir() else 0o666
+    os.chmod(p, base & ~current_umask())
+
+
 @contextlib.contextmanager
 def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     """Yield a temporary path beside ``path``; on success move it onto ``path``.
@@ -45,6 +66,7 @@ def atomic_path(path: str | Path, overwrite: bool = True) -> Iterator[Path]:
     tmp = Path(tmp_name)
     try:
         yield tmp
+        publish_mode(tmp)
         os.replace(tmp, dest)
     except BaseException:
         with contextlib.suppress(FileNotFoundError):
