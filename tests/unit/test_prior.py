@@ -246,3 +246,21 @@ def test_apply_groups_to_spec(phantom: Path, tmp_path: Path) -> None:
     assert json.loads(spec_path.read_text()) == after
     with pytest.raises(DatasetError):
         apply_groups_to_spec(tmp_path / "missing.json", groups)
+
+
+def test_prior_write_warns_when_the_groups_saw_every_fold(
+    phantom: Path, tmp_path: Path, cli: Callable[..., Any]
+) -> None:
+    """`prior --write` without --fold learns from the test folds too; stored groups are used
+    by every fold, so the command says so. With --fold it learns from training cases only."""
+    import shutil
+
+    for fold, warned in ((None, True), (0, False)):
+        root = tmp_path / f"copy{fold}"
+        shutil.copytree(phantom.parent, root)
+        args = ["prior", root / "dataset.json", "--write"]
+        r = cli(*args) if fold is None else cli(*args, "--fold", str(fold))
+        assert r.code == 0, r.err
+        assert "wrote 1 group(s)" in r.out
+        assert ("the test annotations took part" in " ".join(r.err.split())) == warned
+        assert json.loads((root / "dataset.json").read_text())["correlated_groups"]

@@ -135,7 +135,7 @@ def evaluate(
 ) -> None:
     """Compare predictions with the truth: per-landmark table, metrics.json and metrics.csv.
 
-    Example: [bold]landmark3d evaluate --pred runs/demo/pred --truth data/phantom[/]
+    Example: [bold]landmark3d evaluate --pred runs/demo/predictions --truth data/phantom[/]
     """
     from landmark3d.data.dataset import load_dataset
     from landmark3d.evaluation import evaluate as run_evaluation

@@ -154,6 +154,14 @@ def prior(
         keep = [g for g in groups if not g.coincident]  # duplicates are not key-slice groups
         path = apply_groups_to_spec(ds.source, keep)
         console.print(f"wrote {len(keep)} group(s) to {path}")
+        if fold is None:
+            err_console.print(
+                f"warning: the groups were learned from all {len(ds.cases)} cases, the test "
+                "folds' included, and train/cv use stored groups for every fold: the test "
+                "annotations took part in choosing them. For clean cross-validation learn them "
+                "with --fold K, or store none (training then finds them in each fold's "
+                "training cases)."
+            )
 
 
 # ----------------------------------------------------------------------------- train
