@@ -235,6 +235,15 @@ def test_ras_lps_swap_mrk_json(spec: Path) -> None:
     assert 'probably LPS: set "coordinateSystem": "LPS"' in p.fix
 
 
+def test_misspelt_case_in_landmark_csv_suggests_the_image_that_exists(tmp_path: Path) -> None:
+    root = make_original(tmp_path, n=3)
+    csv = root / "setup" / "landmark.csv"
+    csv.write_text(csv.read_text().replace("\ncase1,", "\ncase_1,"))
+    report = verify_dataset(load_dataset(root), check_images=False)
+    (missing,) = [p for p in report.problems if "image file not found" in p.message]
+    assert missing.case == "case_1" and "Did you mean 'case1'?" in missing.message
+
+
 def test_ras_lps_swap_original_layout(tmp_path: Path) -> None:
     report = verify_dataset(load_dataset(make_original(tmp_path, declared="LPS", flip=(1,))))
     p = only(report)

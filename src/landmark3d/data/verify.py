@@ -237,7 +237,11 @@ def _check_image(
     path = case.image
     if not path.exists():
         where = "images/ (as <case>.nii.gz)" if ds.layout == "original" else '"image" in the spec'
-        out.case("error", case.id, path, "image file not found.", f"check {where} for this case.")
+        others = [c.id for c in ds.cases if c.id != case.id and c.image.exists()]
+        hint = did_you_mean(case.id, others)  # e.g. 'case03' in landmark.csv for 'case003'
+        out.case(
+            "error", case.id, path, f"image file not found.{hint}", f"check {where} for this case."
+        )
         return None
     if path.is_file() and path.stat().st_size == 0:
         out.case(
