@@ -18,6 +18,10 @@ config.json, split.json, plan.json (the others receive the plan), prepares the c
 (the others then read it, and never write it), trains with the others (see
 :mod:`landmark3d.engine.distributed`) and calibrates while they wait.
 
+Resume (``resume=True``): a stage with a ``last`` checkpoint continues from it (a finished
+stage is kept as is); a stage without one (stopped before its first epoch ended, e.g. while
+caching cases) starts over, replacing the files it left.
+
 Splits: with ``fold=k`` the cases of fold k are the *test* cases (never seen in training or
 model selection); a validation subset (``val_fraction`` of the remaining cases, at least 2, at
 random with the config's seed) is held out of training to pick the ``best`` checkpoint.
@@ -312,7 +316,9 @@ def train_run(
             stage_dir,
             resume=stage_resume,
             progress=progress,
-            overwrite=overwrite,
+            # resuming a stage stopped before its first checkpoint starts it over: the files
+            # it left (train.log, metrics.csv, a 'best' without 'last') are replaced
+            overwrite=overwrite or resume,
         )
     from landmark3d.engine.calibrate import calibrate_after_training  # imports the predictor
 
