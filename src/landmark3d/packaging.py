@@ -6,10 +6,13 @@
     MODEL_CARD.md                        landmarks, modality, training data, metrics, use, limits
     config.json  plan.json  split.json  calibration.json   as in the run directory
     coarse/checkpoints/best/{weights.safetensors, meta.json, state.json}
-    fine/checkpoints/best/{weights.safetensors, meta.json, state.json}   (if trained)
+    fine/checkpoints/best/{weights.safetensors, meta.json, state.json}
     coarse/metrics.csv  fine/metrics.csv                                 (if present)
 
 (and the same for any further training stage of ``landmark3d.engine.run.STAGES``).
+Only complete runs are packaged: coarse and fine, and correlated when the plan has correlated
+groups, must each have their ``best`` checkpoint (:func:`required_stages`); otherwise the
+archive would fail at prediction time, or its model card would advertise a model it lacks.
 
 Optimizer state is left out: an archive is for prediction, not for resuming training.
 
@@ -71,17 +74,31 @@ def _run_files(run: Path) -> list[str]:
                 path=run,
                 fix="pass the --out directory of `landmark3d train`.",
             )
+    try:
+        plan = Plan.load(run / "plan.json")
+        ExperimentConfig.from_json(run / "config.json")
+    except ConfigError as e:
+        raise CheckpointError(f"cannot package the run: {e.problem}", path=e.path, fix=e.fix) from e
     names = ["config.json", "plan.json"] + [
         extra for extra in ("split.json", "calibration.json") if (run / extra).is_file()
     ]
+    needed = required_stages(plan)
     for stage in STAGES:
         ckpt = run / stage / "checkpoints" / "best"
         if not checkpoint_exists(ckpt):
-            if stage == "coarse":
+            if stage in needed:
+                why = (
+                    f" (the plan has {len(plan.correlated_groups)} correlated group(s), which "
+                    "predict uses it for)"
+                    if stage == "correlated"
+                    else ""
+                )
                 raise CheckpointError(
-                    "the run has no 'best' checkpoint of the coarse stage.",
+                    f"cannot package an incomplete run: the {stage} stage has no 'best' "
+                    f"checkpoint{why}.",
                     path=ckpt,
-                    fix=f"train it first: landmark3d train ... --out {run}",
+                    fix=f"finish training first (landmark3d train ... --out {run} --resume), "
+                    "then package again.",
                 )
             continue
         read_checkpoint_meta(ckpt)  # refuses foreign or unsupported checkpoints
@@ -94,6 +111,13 @@ def _run_files(run: Path) -> list[str]:
         if (run / stage / "metrics.csv").is_file():
             names.append(f"{stage}/metrics.csv")
     return names
+
+
+def required_stages(plan: Plan) -> tuple[str, ...]:
+    """The stages whose ``best`` checkpoint an archive of a run with ``plan`` must hold:
+    coarse and fine, and correlated when the plan has correlated groups (what ``predict
+    --stage auto`` loads and the model card describes)."""
+    return ("coarse", "fine", "correlated") if plan.correlated_groups else ("coarse", "fine")
 
 
 def _stage_metrics(run: Path, stage: str) -> dict[str, Any] | None:
@@ -234,17 +258,14 @@ def package_run(run_dir: str | Path, out: str | Path, overwrite: bool = False) -
     """Write the run at ``run_dir`` as a model archive ``out`` (see the module docstring).
 
     Raises:
-        CheckpointError: not a run directory, no coarse ``best`` checkpoint, foreign checkpoint.
-        ConfigError: unreadable config.json / plan.json.
+        CheckpointError: not a run directory, unreadable config.json / plan.json, a stage
+            of :func:`required_stages` without its ``best`` checkpoint (an incomplete run),
+            a foreign checkpoint.
         OutputExistsError: ``out`` exists and ``overwrite`` is False.
     """
     run = Path(run_dir)
     names = _run_files(run)
-    try:
-        plan = Plan.load(run / "plan.json")
-        ExperimentConfig.from_json(run / "config.json")
-    except ConfigError as e:
-        raise CheckpointError(f"cannot package the run: {e.problem}", path=e.path, fix=e.fix) from e
+    plan = Plan.load(run / "plan.json")
     contents: dict[str, bytes] = {n: (run / n).read_bytes() for n in names}
     contents[MODEL_CARD] = model_card(run).encode("utf-8")
     manifest = {
@@ -423,4 +444,5 @@ __all__ = [
     "model_card",
     "package_run",
     "read_manifest",
+    "required_stages",
 ]

@@ -5,14 +5,17 @@ from __future__ import annotations
 
 import hashlib
 import json
+import shutil
 import stat
 import zipfile
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import pytest
 import SimpleITK as sitk
 
+from conftest import CliResult
 from landmark3d.data.dataset import load_dataset
 from landmark3d.engine.run import STAGES
 from landmark3d.errors import CheckpointError, OutputExistsError
@@ -26,6 +29,8 @@ from landmark3d.packaging import (
     package_run,
     read_manifest,
 )
+
+Cli = Callable[..., CliResult]
 
 TOP = {"MODEL_CARD.md", "manifest.json", "config.json", "plan.json", "split.json"}
 CKPT = ("weights.safetensors", "meta.json", "state.json")
@@ -112,6 +117,53 @@ def test_packaging_is_reproducible_and_refuses_overwrite(
         package_run(tiny_run, again)
     with pytest.raises(CheckpointError, match="not a landmark3d run directory"):
         package_run(tmp_path, tmp_path / "x.zip")
+
+
+@pytest.mark.parametrize("stage", ["fine", "correlated"])
+def test_an_incomplete_run_is_refused(cli: Cli, tiny_run: Path, tmp_path: Path, stage: str) -> None:
+    """A stage the plan needs without its best checkpoint: refused, naming the stage (the
+    archive would fail in predict, or its card would advertise a model it lacks)."""
+    assert json.loads((tiny_run / "plan.json").read_text())["correlated_groups"]
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("cache", "last"))
+    shutil.rmtree(run / stage / "checkpoints" / "best")
+    with pytest.raises(CheckpointError, match=f"the {stage} stage has no 'best' checkpoint") as e:
+        package_run(run, tmp_path / "model.zip")
+    assert e.value.path == run / stage / "checkpoints" / "best" and "--resume" in str(e.value)
+    assert not (tmp_path / "model.zip").exists()
+    r = cli("package", run, "--out", tmp_path / "model.zip")
+    assert r.code == 1 and len(r.err_lines) == 1, r.err
+    assert stage in r.err_lines[0] and "Fix:" in r.err_lines[0]
+    assert not (tmp_path / "model.zip").exists()
+
+
+def test_correlated_is_optional_without_correlated_groups(tiny_run: Path, tmp_path: Path) -> None:
+    run = tmp_path / "run"
+    shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("cache", "last"))
+    shutil.rmtree(run / "correlated")
+    plan = json.loads((run / "plan.json").read_text())
+    (run / "plan.json").write_text(json.dumps({**plan, "correlated_groups": []}))
+    names = set(_members(package_run(run, tmp_path / "model.zip")))
+    assert "fine/checkpoints/best/weights.safetensors" in names
+    assert not any(n.startswith("correlated/") for n in names)
+
+
+def test_archive_checkpoint_errors_name_the_archive(archive: Path, tmp_path: Path) -> None:
+    """Not the temporary directory it was unpacked into (gone once the predictor is)."""
+    with pytest.raises(CheckpointError, match="archives hold only 'best'") as e:
+        Predictor(archive, device="cpu", checkpoint="last")
+    assert e.value.path == archive and "landmark3d-model-" not in str(e.value)
+    members = _members(archive)  # an archive without a fine stage (as older versions wrote)
+    manifest = json.loads(members[MANIFEST])
+    drop = tuple(n for n in members if n.startswith(("fine/", "correlated/")))
+    manifest["files"] = {n: v for n, v in manifest["files"].items() if n not in drop}
+    partial = _rezip(
+        archive, tmp_path / "partial.zip", {MANIFEST: json.dumps(manifest).encode()}, drop
+    )
+    assert Predictor(partial, device="cpu", stage="coarse").fine == {}
+    with pytest.raises(CheckpointError, match="no 'best' checkpoint of the fine stage") as e:
+        Predictor(partial, device="cpu", stage="fine")
+    assert e.value.path == partial and "landmark3d-model-" not in str(e.value)
 
 
 # ---------------------------------------------------------------------------------- predict

@@ -84,8 +84,20 @@ class Prediction:
     geometry: Geometry | None = None
 
 
-def _checkpoint(run: Path, stage: str, which: str) -> Path:
+def _checkpoint(run: Path, stage: str, which: str, archive: Path | None = None) -> Path:
+    """The ``which`` checkpoint directory of ``stage``; names ``archive`` (not the temporary
+    directory it was unpacked into) when the run came from a model archive."""
     path = run / stage / "checkpoints" / which
+    if not path.is_dir() and archive is not None:
+        only_best = " (archives hold only 'best' checkpoints)" if which != "best" else ""
+        raise CheckpointError(
+            f"the model archive has no {which!r} checkpoint of the {stage} stage{only_best}.",
+            path=archive,
+            fix="load its 'best' checkpoint."
+            if which != "best"
+            else f"predict with a stage the archive holds (--stage), or package a run whose "
+            f"{stage} stage is trained: landmark3d package RUN --out {archive.name}",
+        )
     if not path.is_dir():
         raise CheckpointError(
             f"no {which!r} checkpoint of the {stage} stage.",
@@ -168,14 +180,16 @@ class Predictor:
         c = self.config.coarse
         self.coarse = CoarseRegressor(len(names), c.widths, c.layers)
         meta = load_weights_only(
-            _checkpoint(self.run, "coarse", checkpoint), {"coarse": self.coarse}, expect
+            _checkpoint(self.run, "coarse", checkpoint, self.archive),
+            {"coarse": self.coarse},
+            expect,
         )
         self.coarse.to(self.device).eval()
         self.fine: dict[str, torch.nn.Module] = {}
         self.fine_names: list[str] = []
         self.routes: dict[str, tuple[str, int]] = {}
         if stage in ("fine", "correlated"):
-            fine_ckpt = _checkpoint(self.run, "fine", checkpoint)
+            fine_ckpt = _checkpoint(self.run, "fine", checkpoint, self.archive)
             fmeta = read_checkpoint_meta(fine_ckpt)
             self.fine_names = list(fmeta.get("fine_landmarks", names))
             f = self.config.fine
@@ -188,7 +202,8 @@ class Predictor:
         if stage == "correlated":
             self.groups = [dict(g) for g in self.plan.correlated_groups]
             models = build_group_models(self.groups, self.config.correlated)
-            load_weights_only(_checkpoint(self.run, "correlated", checkpoint), dict(models), expect)
+            ckpt = _checkpoint(self.run, "correlated", checkpoint, self.archive)
+            load_weights_only(ckpt, dict(models), expect)
             self.group_models = {k: m.to(self.device).eval() for k, m in models.items()}
         self.meta = meta
         cal = load_calibration(self.run) if calibrated else None
