@@ -8,19 +8,40 @@ readable line (file, problem, fix) with a non-zero exit code; ``--debug`` shows 
 
 from __future__ import annotations
 
+import shlex
 import sys
-from typing import Annotated
+from typing import Annotated, Any
 
 import typer
 from rich.console import Console
 from rich.markup import escape
 from rich.table import Table
+from typer.core import TyperGroup
 
 from landmark3d import __version__
 from landmark3d.errors import Landmark3dError
 
+_INTERRUPTS: list[KeyboardInterrupt] = []
+"""The Ctrl-C/SIGTERM that stopped the command (typer turns it into a bare exit code 130)."""
+
+RESUMABLE = ("train", "cv")
+"""Commands that continue an interrupted run with ``--resume``."""
+
+
+class _Group(TyperGroup):
+    """The command group, keeping the interruption that typer would swallow."""
+
+    def invoke(self, ctx: Any) -> Any:
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt as exc:
+            _INTERRUPTS.append(exc)
+            raise
+
+
 app = typer.Typer(
     name="landmark3d",
+    cls=_Group,
     help="Anatomical landmark localization in 3D medical images (CT, MRI).\n\n"
     "Coordinates are world millimetres (LPS, as ITK) from file to file.",
     no_args_is_help=True,
@@ -94,20 +115,53 @@ def print_summary_table(summary: object, title: str) -> None:
 
 
 # ----------------------------------------------------------------------------- entry point
+def rerun_command(argv: list[str]) -> str | None:
+    """The command line that continues an interrupted ``argv`` (``--resume`` instead of
+    ``--overwrite``), or None if its command cannot resume."""
+    command = next((a for a in argv if not a.startswith("-")), None)
+    if command not in RESUMABLE:
+        return None
+    args = [a for a in argv if a != "--overwrite"]
+    if "--resume" not in args:
+        args.append("--resume")
+    return shlex.join(["landmark3d", *args])
+
+
+def interruption_message(exc: KeyboardInterrupt, argv: list[str]) -> str:
+    """One line for an interrupted command: what stopped and, for training, how to continue."""
+    from landmark3d.engine.trainer import TrainingInterrupted
+
+    if not isinstance(exc, TrainingInterrupted):
+        return f"interrupted{f': {exc}' if str(exc) else ''}"
+    command = rerun_command(argv)
+    if command is None:
+        return f"interrupted: {exc.detail}."
+    return f"interrupted: {exc.detail}. To continue: {command}"
+
+
+def _interrupted(exc: KeyboardInterrupt) -> None:
+    """Print the interruption line on stderr and exit with 130."""
+    message = interruption_message(exc, sys.argv[1:])
+    err_console.print(escape(message), highlight=False, soft_wrap=True)
+    sys.exit(130)
+
+
 def main() -> None:
     """Console-script entry point: readable one-line errors, tracebacks only with --debug."""
     debug = "--debug" in sys.argv[1:]
+    _INTERRUPTS.clear()
     try:
         rc = app(standalone_mode=False)
+        if rc == 130 and _INTERRUPTS:
+            _interrupted(_INTERRUPTS[-1])
         sys.exit(rc if isinstance(rc, int) else 0)
     except Landmark3dError as exc:
         if debug:
             raise
         err_console.print(f"[red]error:[/] {escape(str(exc))}", highlight=False, soft_wrap=True)
         sys.exit(1)
-    except KeyboardInterrupt:
-        err_console.print("interrupted")
-        sys.exit(130)
+    except KeyboardInterrupt as exc:
+        _interrupted(exc)
     except typer.Exit as exc:
         sys.exit(exc.exit_code)
     except SystemExit:

@@ -319,6 +319,7 @@ def train_run(
             # resuming a stage stopped before its first checkpoint starts it over: the files
             # it left (train.log, metrics.csv, a 'best' without 'last') are replaced
             overwrite=overwrite or resume,
+            resume_hint=f"to continue, rerun the same command with --resume (run directory {run})",
         )
     from landmark3d.engine.calibrate import calibrate_after_training  # imports the predictor
 

@@ -233,7 +233,17 @@ class TrainResult:
 
 
 class TrainingInterrupted(KeyboardInterrupt):
-    """Training stopped on SIGINT/SIGTERM; the last complete checkpoint is intact."""
+    """Training stopped on SIGINT/SIGTERM; the last complete checkpoint is intact.
+
+    Attributes:
+        detail: what happened (signal, stage, epoch) and which checkpoint was kept.
+        hint: how to continue (the ``resume_hint`` given to :func:`fit`).
+    """
+
+    def __init__(self, detail: str, hint: str = "") -> None:
+        super().__init__(f"{detail}; {hint}" if hint else detail)
+        self.detail = detail
+        self.hint = hint
 
 
 def _better(value: float, best: float | None, mode: str) -> bool:
@@ -318,6 +328,7 @@ def fit(
     progress: bool = True,
     stop_after_epochs: int | None = None,
     overwrite: bool = False,
+    resume_hint: str | None = None,
 ) -> TrainResult:
     """Train ``stage`` for ``cfg.epochs`` epochs, checkpointing into ``out_dir``.
 
@@ -330,13 +341,16 @@ def fit(
         progress: show a Rich progress bar and log echo on stderr (only on a terminal).
         stop_after_epochs: return after this many epochs of this call (the run can be resumed).
         overwrite: start afresh in a directory that holds a previous run.
+        resume_hint: how to continue after an interruption, for the message and train.log
+            (default: ``fit(..., resume=True)`` on ``out_dir``); the caller that knows the
+            command and run directory the user gave (e.g. ``train_run``) says it better.
 
     Returns:
         :class:`TrainResult`.
 
     Raises:
         TrainingInterrupted: on SIGINT/SIGTERM (after the current step; the last complete
-            checkpoint is kept and the message says how to resume).
+            checkpoint is kept and the message says how to resume: ``resume_hint``).
         OutputExistsError: ``out_dir`` holds a run and neither ``resume`` nor ``overwrite``.
         CheckpointError: ``resume`` without a usable/compatible checkpoint.
         ConfigError: bad settings, no batches, diverged loss, or the monitor metric missing.
@@ -418,7 +432,7 @@ def fit(
 
     completed = start
     end = cfg.epochs if stop_after_epochs is None else min(cfg.epochs, start + stop_after_epochs)
-    resume_hint = f"resume with fit(..., resume=True) / `landmark3d train --resume` on {out}"
+    hint = resume_hint or f"to continue, call fit(..., resume=True) on {out}"
     with SignalGuard() as guard, progress_bar(show, console) as bar:
         for epoch in range(start, end):
             t0 = time.monotonic()
@@ -457,13 +471,13 @@ def fit(
                         log.write(f"{where} loss {value:.6g}")
                     if stop:
                         kept = last_path if completed else "none (no epoch completed yet)"
-                        msg = (
+                        detail = (
                             f"{guard.received or 'stop on another rank'} received during epoch "
-                            f"{epoch + 1}; stopped without saving the partial epoch. Last "
-                            f"complete checkpoint: {kept}; {resume_hint}"
+                            f"{epoch + 1} of the {stage.name} stage; stopped without saving the "
+                            f"partial epoch. Last complete checkpoint: {kept}"
                         )
-                        log.write(msg)
-                        raise TrainingInterrupted(msg)
+                        log.write(f"{detail}; {hint}")
+                        raise TrainingInterrupted(detail, hint)
             train_s = time.monotonic() - t0
             if not losses:
                 raise ConfigError(
@@ -541,12 +555,12 @@ def fit(
             completed = epoch + 1
             bar.remove_task(task)
             if agree(guard.received is not None, ctx):
-                msg = (
-                    f"{guard.received or 'stop on another rank'} received; stopped after epoch "
-                    f"{epoch + 1} (checkpoint {last_path}); {resume_hint}"
+                detail = (
+                    f"{guard.received or 'stop on another rank'} received; stopped the "
+                    f"{stage.name} stage after epoch {epoch + 1} (checkpoint {last_path})"
                 )
-                log.write(msg)
-                raise TrainingInterrupted(msg)
+                log.write(f"{detail}; {hint}")
+                raise TrainingInterrupted(detail, hint)
 
     done = completed
     if done >= cfg.epochs:
