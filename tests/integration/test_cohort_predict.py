@@ -22,7 +22,7 @@ from landmark3d.data.dataset import load_dataset
 from landmark3d.data.preprocess import prepare_case
 from landmark3d.engine.checkpoint import save_checkpoint
 from landmark3d.errors import ConfigError, ImageError, OutputExistsError
-from landmark3d.inference.batch import CaseRecord, predict_cohort, predict_inputs
+from landmark3d.inference.batch import UNCHECKED_NOTE, CaseRecord, predict_cohort, predict_inputs
 from landmark3d.inference.predictor import Predictor
 from landmark3d.inference.steps import fine_predict
 from landmark3d.io.images import read_image
@@ -276,3 +276,74 @@ def test_cli_shard_option(cli: Cli, shared_run: Path, images: Path, tmp_path: Pa
         assert e.code == 1 and len(lines) == 1 and "--shard" in lines[0] and "Fix:" in lines[0]
     with pytest.raises(OutputExistsError):  # the shard's own report counts as an output
         predict_cohort(shared_run, out, input_path=images, device="cpu", shard=(2, 2))
+
+
+# ------------------------------------------------------------------------ resume: same settings
+def test_resume_refuses_outputs_of_another_model_or_settings(
+    cli: Cli, phantom_dir: Path, shared_run: Path, images: Path, reference: Path, tmp_path: Path
+) -> None:
+    settings = _report(reference / "timings.json")["settings"]
+    assert settings["stage"] == "fine" and settings["format"] == "json"
+    assert settings["coords"] == "LPS" and settings["checkpoint"] == "best"
+    assert settings["model"] == str(shared_run.resolve()) and len(settings["model_sha256"]) == 64
+    assert sorted(settings["checkpoints"]) == ["coarse", "fine"] and settings["tta"] is False
+    out = tmp_path / "pred"
+    shutil.copytree(reference, out)
+    (out / "case004.json").unlink()
+    stamps = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    other = _make_run(phantom_dir, tmp_path / "other", "per_landmark")
+    for args, what in (
+        (["--model", shared_run, "--stage", "coarse"], "stage 'fine' (now 'coarse')"),
+        (["--model", other], "model_sha256"),
+        (["--model", shared_run, "--format", "csv"], "format 'json' (now 'csv')"),
+        (["--model", shared_run, "--coords", "RAS"], "coords 'LPS' (now 'RAS')"),
+    ):
+        r = cli("predict", *args, "-i", images, "--out", out, "--resume", "--threads", "1")
+        assert r.code == 1 and len(r.err_lines) == 1, r.err
+        line = r.err_lines[0]
+        assert what in line and "--overwrite" in line and "Fix:" in line, line
+        assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == stamps  # untouched
+    with pytest.raises(OutputExistsError, match="model_sha256"):  # the library refuses too
+        predict_cohort(other, out, input_path=images, device="cpu", resume=True, shard=(1, 2))
+
+    moved = tmp_path / "moved"  # the same weights elsewhere: its own outputs, resumed
+    shutil.copytree(shared_run, moved)
+    result = predict_cohort(moved, out, input_path=images, device="cpu", resume=True, threads=1)
+    assert [r.status for r in result.records].count("done") == 1
+    report = _report(out / "timings.json")
+    assert report["settings"]["model"] == str(moved.resolve())
+    assert all("note" not in e for e in report["cases"].values())
+
+    result = predict_cohort(  # --overwrite: the new model's outputs and settings
+        other, out, input_path=images, device="cpu", overwrite=True, stage="coarse", threads=1
+    )
+    assert [r.status for r in result.records] == ["done"] * len(CASES)
+    assert _report(out / "timings.json")["settings"]["stage"] == "coarse"
+
+
+def test_resume_of_outputs_without_recorded_settings(
+    shared_run: Path, images: Path, reference: Path, tmp_path: Path
+) -> None:
+    """Reports written before settings were recorded: resumed as before, noted unchecked."""
+    out = tmp_path / "pred"
+    shutil.copytree(reference, out)
+    report = _report(out / "timings.json")
+    del report["settings"]
+    (out / "timings.json").write_text(json.dumps(report))
+    (out / "case005.json").unlink()
+    result = predict_cohort(
+        shared_run, out, input_path=images, device="cpu", resume=True, shard=(1, 1), threads=1
+    )
+    assert [r.status for r in result.records] == ["skipped-existing"] * 4 + ["done"]
+    shard_report = _report(out / "timings.shard-1-of-1.json")
+    assert (
+        shard_report["settings"]["model_sha256"]
+        == _report(reference / "timings.json")["settings"]["model_sha256"]
+    )
+    notes = {cid: e.get("note") for cid, e in shard_report["cases"].items()}
+    assert notes == {cid: UNCHECKED_NOTE for cid in CASES[:4]} | {"case005": None}
+    # the shard report now records them: a resume with other settings is refused
+    with pytest.raises(OutputExistsError, match="stage 'fine' \\(now 'coarse'\\)"):
+        predict_cohort(
+            shared_run, out, input_path=images, device="cpu", resume=True, stage="coarse"
+        )

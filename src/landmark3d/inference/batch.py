@@ -30,11 +30,22 @@ Cohort scale:
   invocation and ``complete`` (false while running or after a crash). It is rewritten
   atomically every ``flush_seconds`` and at the end; on resume, skipped cases keep the timings
   recorded by the earlier run.
+* **What made the outputs.** Every report also records ``settings`` (:func:`cohort_settings`):
+  the model (``model`` path, for information, and ``model_sha256``, a digest of the sha256 of
+  the weights of every checkpoint used, as recorded in their ``meta.json``), ``checkpoint``,
+  the resolved ``stage``, ``tta``, ``absence``, the calibration in use (``calibration_sha256``),
+  ``flag_above``, ``coords`` and ``format``. ``resume=True`` refuses (before any work) when a
+  report in ``out`` (``timings.json`` or any shard's) records other values for any of
+  :data:`RESUME_KEYS` — the model is compared by digest, so a moved run or its ``package``
+  archive resumes its own outputs. Outputs from before settings were recorded (reports without
+  ``settings``, or no report at all) resume as before, unchecked: their skipped cases carry a
+  ``note`` saying so.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import os
 import re
@@ -47,8 +58,10 @@ from typing import Any
 
 import torch
 
+from landmark3d.engine.checkpoint import META, SHA256, WEIGHTS, read_checkpoint_meta
 from landmark3d.engine.device import set_num_threads
 from landmark3d.errors import CheckpointError, ConfigError, ImageError, OutputExistsError
+from landmark3d.inference.calibration import CALIBRATION_FILE
 from landmark3d.inference.confidence import flag_above as flag_landmarks
 from landmark3d.inference.predictor import Predictor
 from landmark3d.inference.steps import DEFAULT_PATCH_BATCH
@@ -59,6 +72,12 @@ from landmark3d.io.landmarks import LANDMARK_FORMATS, read_landmarks, write_land
 STATUSES = ("done", "skipped-existing", "failed", "pending")
 """Case statuses in the report."""
 REPORT_NAME = "timings.json"
+RESUME_KEYS = (
+    "model_sha256", "checkpoint", "stage", "tta", "absence", "calibration_sha256",
+    "flag_above", "coords", "format",
+)  # fmt: skip
+"""The ``settings`` entries that must match for ``resume`` to keep earlier outputs."""
+UNCHECKED_NOTE = "kept unchecked: the earlier run did not record its settings (model, stage, ...)"
 
 
 def _is_dicom_dir(path: Path) -> bool:
@@ -258,7 +277,11 @@ class CohortResult:
 
 
 def _report(
-    records: Sequence[CaseRecord], shard: tuple[int, int] | None, cohort: int, complete: bool
+    records: Sequence[CaseRecord],
+    shard: tuple[int, int] | None,
+    cohort: int,
+    complete: bool,
+    settings: dict[str, Any] | None = None,
 ) -> dict[str, Any]:
     done = [r.timings for r in records if r.status == "done"]
     keys = sorted({k for t in done for k in t})
@@ -269,6 +292,7 @@ def _report(
         "complete": complete,
         "shard": None if shard is None else {"index": shard[0], "count": shard[1]},
         "cohort_size": cohort,
+        "settings": settings,
         "counts": counts,
         "median": median,
         "cases": {r.case_id: r.to_dict() for r in records},
@@ -296,6 +320,112 @@ def _finished_output(path: Path, coords: str, names: Sequence[str]) -> str | Non
         return f"{type(exc).__name__}: {exc}"
     unknown = sorted(set(ls.names) - set(names))
     return f"landmarks {unknown} are not the model's" if unknown else None
+
+
+def _sha256_file(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _checkpoint_digest(ckpt: Path) -> str:
+    """The sha256 of the checkpoint's weights as recorded in its meta.json (for checkpoints
+    written before digests were recorded: ``meta:`` + the sha256 of meta.json, which holds
+    the creation time, so it differs between any two saves)."""
+    digests = read_checkpoint_meta(ckpt).get(SHA256)
+    if isinstance(digests, dict) and isinstance(digests.get(WEIGHTS), str):
+        return str(digests[WEIGHTS])
+    return "meta:" + _sha256_file(ckpt / META)
+
+
+def cohort_settings(
+    predictor: Predictor,
+    model: Path,
+    fmt: str,
+    coords: str,
+    flag_above: float | None,
+    checkpoint: str = "best",
+) -> dict[str, Any]:
+    """What makes a cohort's outputs: recorded in the report, compared on resume (see the
+    module docstring; :data:`RESUME_KEYS` are compared)."""
+    stages = {"coarse": ["coarse"], "fine": ["coarse", "fine"]}.get(
+        predictor.stage, ["coarse", "fine", "correlated"]
+    )
+    digests = {
+        st: _checkpoint_digest(predictor.run / st / "checkpoints" / checkpoint) for st in stages
+    }
+    calibration = predictor.run / CALIBRATION_FILE
+    return {
+        "model": str(Path(model).resolve()),
+        "model_sha256": hashlib.sha256(
+            json.dumps(digests, sort_keys=True).encode("utf-8")
+        ).hexdigest(),
+        "checkpoints": digests,
+        "checkpoint": checkpoint,
+        "stage": predictor.stage,
+        "tta": predictor.tta,
+        "absence": predictor.absence,
+        "calibration_sha256": _sha256_file(calibration)
+        if predictor.calibration is not None and calibration.is_file()
+        else None,
+        "flag_above": flag_above,
+        "coords": str(coords).strip().upper(),
+        "format": fmt,
+    }
+
+
+def _earlier_settings(out: Path) -> list[tuple[Path, dict[str, Any] | None]]:
+    """``(report, its settings or None)`` of every predict report in ``out`` (None: written
+    before settings were recorded, or unreadable)."""
+    from landmark3d.evaluation import is_predict_report
+
+    found: list[tuple[Path, dict[str, Any] | None]] = []
+    for path in sorted(out.glob("timings*.json")) if out.is_dir() else []:
+        if not is_predict_report(path.name):
+            continue
+        try:
+            recorded = json.loads(path.read_text(encoding="utf-8")).get("settings")
+        except (OSError, ValueError, AttributeError):
+            recorded = None
+        found.append((path, recorded if isinstance(recorded, dict) else None))
+    return found
+
+
+def _check_resume_settings(out: Path, settings: dict[str, Any]) -> bool:
+    """Refuse to resume outputs made with other settings; whether any report recorded them.
+
+    Raises:
+        OutputExistsError: a report in ``out`` records other values of :data:`RESUME_KEYS`.
+    """
+    checked = False
+    for path, recorded in _earlier_settings(out):
+        if recorded is None:
+            continue
+        checked = True
+        diffs = [
+            f"{key} {_show(recorded.get(key))} (now {_show(settings[key])})"
+            for key in RESUME_KEYS
+            if recorded.get(key) != settings[key]
+        ]
+        if diffs:
+            made_by = recorded.get("model")
+            raise OutputExistsError(
+                "cannot --resume: the existing outputs were made with other settings"
+                + (f" (model {made_by})" if made_by else "")
+                + ": "
+                + "; ".join(diffs)
+                + ".",
+                path=path,
+                fix="resume with the same settings (model, --stage, --tta, --absence, "
+                "--flag-above, --coords, --format), pass --overwrite to predict every case "
+                "again, or choose another --out.",
+            )
+    return checked
+
+
+def _show(value: Any) -> str:
+    """A setting for the one-line error (digests shortened)."""
+    if isinstance(value, str) and len(value) >= 64:
+        return value[:12] + "…"
+    return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
 # ------------------------------------------------------------------------------ prediction
@@ -337,8 +467,8 @@ def predict_cohort(
         CheckpointError: the run does not fit the dataset (landmark names, modality), or
             ``flag_above`` without a calibration.
         ConfigError: ``resume`` with ``overwrite``, a bad ``shard``/``patch_batch``/``threads``.
-        ImageError / OutputExistsError: bad inputs, or existing outputs without ``resume`` or
-            ``overwrite``. Errors of single cases are recorded instead (status "failed").
+        ImageError / OutputExistsError: bad inputs, existing outputs without ``resume`` or
+            ``overwrite``, or ``resume`` over outputs made with other settings. Errors of single cases are recorded instead (status "failed").
     """
     if (input_path is None) == (dataset_path is None):
         raise ImageError("give exactly one of --input and --dataset.", fix="choose one.")
@@ -427,11 +557,13 @@ def predict_cohort(
                 fix="pass --resume to skip the finished cases, --overwrite to predict them "
                 "again, or choose another --out.",
             )
+    settings = cohort_settings(predictor, run, fmt, coords, flag_above)
+    checked = _check_resume_settings(out, settings) if resume else False
     out.mkdir(parents=True, exist_ok=True)
     earlier = _earlier_timings(report) if resume else {}
 
     def flush(complete: bool) -> None:
-        text = json.dumps(_report(records, part, cohort, complete), indent=2) + "\n"
+        text = json.dumps(_report(records, part, cohort, complete, settings), indent=2) + "\n"
         atomic_write_text(report, text)
 
     previous_threads = torch.get_num_threads()
@@ -445,6 +577,8 @@ def predict_cohort(
             progress(0, len(records), None)
         for i, rec in enumerate(records, start=1):
             _run_case(rec, predictor, fmt, coords, resume, flag_above, flagged, earlier)
+            if rec.status == "skipped-existing" and not checked:
+                rec.note = UNCHECKED_NOTE
             if progress is not None:
                 progress(i, len(records), rec)
             if time.monotonic() - last_flush >= flush_seconds:
