@@ -116,7 +116,7 @@ def _decode(obj: Any, tensors: Mapping[str, torch.Tensor], path: Path) -> Any:
                 raise CheckpointError(
                     f"tensor {name!r} referenced by {OPT_JSON} is missing from {OPT_TENSORS}.",
                     path=path,
-                    fix="the checkpoint is corrupt; use another checkpoint (e.g. 'best').",
+                    fix=_corrupt_fix(path.parent),
                 )
             return tensors[name]
         if len(obj) == 1 and _TUPLE in obj:
@@ -312,6 +312,19 @@ def save_checkpoint(
 
 
 # --------------------------------------------------------------------------- reading
+def _corrupt_fix(ckpt: Path, problem: str = "the checkpoint is corrupt") -> str:
+    """The fix of a damaged checkpoint ``ckpt``: the *other* checkpoint of its run."""
+    if ckpt.name == "last":
+        return (
+            f"{problem}; predict with the 'best' checkpoint beside it instead. To resume "
+            f"training, delete {ckpt} and rerun with --resume (that stage starts over), or "
+            "start the run again with --overwrite."
+        )
+    if ckpt.name == "best":
+        return f"{problem}; use the 'last' checkpoint beside it instead, or retrain."
+    return f"{problem}; use another checkpoint or retrain."
+
+
 def _check_dir(path: Path, files: tuple[str, ...]) -> None:
     _recover(path)
     if not path.is_dir():
@@ -325,7 +338,7 @@ def _check_dir(path: Path, files: tuple[str, ...]) -> None:
             raise CheckpointError(
                 f"checkpoint is incomplete: {name} is missing.",
                 path=path / name,
-                fix="use another checkpoint (e.g. 'best' or 'last') or retrain.",
+                fix=_corrupt_fix(path, "the checkpoint is incomplete"),
             )
 
 
@@ -336,7 +349,7 @@ def _read_json(path: Path) -> Any:
         raise CheckpointError(
             f"cannot read checkpoint file ({exc}).",
             path=path,
-            fix="the checkpoint is corrupt; use another checkpoint or retrain.",
+            fix=_corrupt_fix(path.parent),
         ) from exc
 
 
@@ -354,7 +367,7 @@ def _read_tensors(path: Path, meta: Mapping[str, Any] | None = None) -> dict[str
                 f"{path.name} does not match the sha256 recorded in {META} (the file is "
                 "damaged or was replaced).",
                 path=path,
-                fix="the checkpoint is corrupt; use another checkpoint (e.g. 'last') or retrain.",
+                fix=_corrupt_fix(path.parent),
             )
         return load(data)
     except CheckpointError:
@@ -363,7 +376,7 @@ def _read_tensors(path: Path, meta: Mapping[str, Any] | None = None) -> dict[str
         raise CheckpointError(
             f"cannot read safetensors file ({exc}).",
             path=path,
-            fix="the checkpoint is corrupt or truncated; use another checkpoint or retrain.",
+            fix=_corrupt_fix(path.parent, "the checkpoint is corrupt or truncated"),
         ) from exc
 
 
@@ -542,7 +555,7 @@ def load_checkpoint(
         raise CheckpointError(
             "state.json / optimizer.json must hold JSON objects.",
             path=ckpt,
-            fix="the checkpoint is corrupt; use another checkpoint or retrain.",
+            fix=_corrupt_fix(ckpt),
         )
     weights = _read_tensors(ckpt / WEIGHTS, meta)
     extra = _read_tensors(ckpt / OPT_TENSORS, meta)
@@ -558,7 +571,7 @@ def load_checkpoint(
             raise CheckpointError(
                 f"RNG state in state.json is unusable ({exc}).",
                 path=ckpt / STATE,
-                fix="the checkpoint is corrupt; use another checkpoint or retrain.",
+                fix=_corrupt_fix(ckpt),
             ) from exc
     decoded_state: dict[str, Any] = _decode(state, {}, ckpt / STATE)
     return decoded_state, meta
