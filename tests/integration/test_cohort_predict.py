@@ -8,8 +8,11 @@ and lets us use a shared fine U-Net (``fine.sharing=shared``) whose patches real
 from __future__ import annotations
 
 import json
+import os
 import shutil
-from collections.abc import Callable
+import signal
+import time
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -22,7 +25,13 @@ from landmark3d.data.dataset import load_dataset
 from landmark3d.data.preprocess import prepare_case
 from landmark3d.engine.checkpoint import save_checkpoint
 from landmark3d.errors import ConfigError, ImageError, OutputExistsError
-from landmark3d.inference.batch import UNCHECKED_NOTE, CaseRecord, predict_cohort, predict_inputs
+from landmark3d.inference.batch import (
+    UNCHECKED_NOTE,
+    CaseRecord,
+    CohortInterrupted,
+    predict_cohort,
+    predict_inputs,
+)
 from landmark3d.inference.predictor import Predictor
 from landmark3d.inference.steps import fine_predict
 from landmark3d.io.images import read_image
@@ -347,3 +356,82 @@ def test_resume_of_outputs_without_recorded_settings(
         predict_cohort(
             shared_run, out, input_path=images, device="cpu", resume=True, stage="coarse"
         )
+
+
+# ------------------------------------------------------------------------ SIGTERM (preemption)
+class _PreviousHandlerRan(Exception):
+    """Raised by the test's own SIGTERM handler: predict did not handle the signal."""
+
+
+@pytest.fixture
+def sigterm_sentinel() -> Iterator[Callable[..., None]]:
+    """A SIGTERM handler of the test's own (instead of the default, which would kill pytest)."""
+
+    def handler(signum: int, frame: object) -> None:
+        raise _PreviousHandlerRan
+
+    previous = signal.signal(signal.SIGTERM, handler)
+    try:
+        yield handler
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+
+
+def test_sigterm_between_cases_writes_the_report_and_restores_the_handler(
+    shared_run: Path, images: Path, reference: Path, tmp_path: Path, sigterm_sentinel: Callable
+) -> None:
+    out = tmp_path / "pred"
+
+    def preempt(i: int, total: int, rec: CaseRecord | None) -> None:
+        if i == 2:  # as SLURM does on preemption (here: while no case is being predicted)
+            os.kill(os.getpid(), signal.SIGTERM)
+
+    with pytest.raises(CohortInterrupted, match="SIGTERM received: stopped after 2 of 5") as e:
+        predict_cohort(shared_run, out, input_path=images, device="cpu", progress=preempt)
+    assert isinstance(e.value, KeyboardInterrupt) and "--resume" in str(e.value)
+    assert signal.getsignal(signal.SIGTERM) is sigterm_sentinel  # restored
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    report = _report(out / "timings.json")
+    assert not report["complete"]
+    assert [c["status"] for c in report["cases"].values()] == ["done"] * 2 + ["pending"] * 3
+    assert sorted(p.name for p in out.glob("case*")) == ["case000.json", "case001.json"]
+    for cid in CASES[:2]:  # finished outputs intact
+        np.testing.assert_allclose(
+            _coords(out / f"{cid}.json"), _coords(reference / f"{cid}.json"), atol=1e-6
+        )
+    result = predict_cohort(shared_run, out, input_path=images, device="cpu", resume=True)
+    assert [r.status for r in result.records] == ["skipped-existing"] * 2 + ["done"] * 3
+
+
+def test_sigterm_to_the_cli_during_a_prediction(
+    cli: Cli,
+    shared_run: Path,
+    images: Path,
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    sigterm_sentinel: Callable,
+) -> None:
+    """A signal while a case is predicted drops that case at once; the shard report is written
+    and predict exits 130 with one line."""
+    predict_file = Predictor.predict_file
+    calls: list[Path] = []
+
+    def slow_case(self: Predictor, path: Path) -> object:
+        calls.append(path)
+        if len(calls) == 2:
+            os.kill(os.getpid(), signal.SIGTERM)
+            time.sleep(5)  # a long prediction: cut short by the signal
+            raise AssertionError("the signal did not stop the case in flight")
+        return predict_file(self, path)
+
+    monkeypatch.setattr(Predictor, "predict_file", slow_case)
+    out = tmp_path / "pred"
+    r = cli("predict", "--model", shared_run, "-i", images, "--out", out, "--shard", "1/1")
+    assert r.code == 130 and "Traceback" not in r.err, r.err
+    last = r.err_lines[-1]  # after the progress bar: one line, what stopped and how to continue
+    assert last.startswith("interrupted: SIGTERM received") and "--resume" in last, r.err
+    report = _report(out / "timings.shard-1-of-1.json")
+    assert not report["complete"]
+    assert report["counts"] == {"done": 1, "skipped-existing": 0, "failed": 0, "pending": 4}
+    assert sorted(p.name for p in out.glob("case*")) == ["case000.json"]
+    assert signal.getsignal(signal.SIGTERM) is sigterm_sentinel

@@ -30,6 +30,14 @@ Cohort scale:
   invocation and ``complete`` (false while running or after a crash). It is rewritten
   atomically every ``flush_seconds`` and at the end; on resume, skipped cases keep the timings
   recorded by the earlier run.
+* **Signals.** While the cases run, SIGINT (Ctrl-C) and SIGTERM (what SLURM sends on
+  preemption or at the time limit) stop the cohort alike: a signal during a case's prediction
+  drops that case at once (it stays "pending"), one while an output or the report is being
+  written takes effect right after it; finished outputs stay intact, the report is written
+  (``complete`` false) and :class:`CohortInterrupted` (a ``KeyboardInterrupt``) is raised —
+  ``landmark3d predict`` prints one line and exits with 130. A second signal aborts at once.
+  The previous handlers are restored afterwards (main thread only; elsewhere nothing is
+  installed).
 * **What made the outputs.** Every report also records ``settings`` (:func:`cohort_settings`):
   the model (``model`` path, for information, and ``model_sha256``, a digest of the sha256 of
   the weights of every checkpoint used, as recorded in their ``meta.json``), ``checkpoint``,
@@ -49,11 +57,14 @@ import hashlib
 import json
 import os
 import re
+import signal
 import statistics
+import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import FrameType
 from typing import Any
 
 import torch
@@ -428,6 +439,66 @@ def _show(value: Any) -> str:
     return repr(value) if isinstance(value, str) else json.dumps(value)
 
 
+# ------------------------------------------------------------------------------ signals
+class CohortInterrupted(KeyboardInterrupt):
+    """A cohort run stopped by SIGINT/SIGTERM; finished outputs and the report are written.
+
+    Attributes:
+        signal_name: "SIGINT" or "SIGTERM".
+    """
+
+    def __init__(self, message: str, signal_name: str) -> None:
+        super().__init__(message)
+        self.signal_name = signal_name
+
+
+class _Stop(KeyboardInterrupt):
+    """Raised by :class:`_SignalStop`'s handler to abandon the case in flight."""
+
+
+class _SignalStop:
+    """SIGINT/SIGTERM as a stop request: raised at once inside :meth:`interruptible` (a
+    case's prediction), else taken at the next :meth:`check`; a second signal raises at once.
+    Handlers are installed only in the main thread and restored on exit."""
+
+    def __init__(self) -> None:
+        self.received: str | None = None
+        self._live = False
+        self._previous: dict[int, Any] = {}
+
+    def _handler(self, signum: int, frame: FrameType | None) -> None:
+        again = self.received is not None
+        self.received = self.received or signal.Signals(signum).name
+        if self._live or again:
+            raise _Stop(self.received)
+
+    def __enter__(self) -> _SignalStop:
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                self._previous[sig] = signal.signal(sig, self._handler)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+        self._previous.clear()
+
+    @contextlib.contextmanager
+    def interruptible(self) -> Iterator[None]:
+        """A stretch a signal may cut short (nothing is half-written by stopping in it)."""
+        self.check()
+        self._live = True
+        try:
+            yield
+        finally:
+            self._live = False
+
+    def check(self) -> None:
+        """Raise :class:`_Stop` if a signal came."""
+        if self.received is not None:
+            raise _Stop(self.received)
+
+
 # ------------------------------------------------------------------------------ prediction
 def predict_cohort(
     run: Path,
@@ -467,6 +538,7 @@ def predict_cohort(
         CheckpointError: the run does not fit the dataset (landmark names, modality), or
             ``flag_above`` without a calibration.
         ConfigError: ``resume`` with ``overwrite``, a bad ``shard``/``patch_batch``/``threads``.
+        CohortInterrupted: SIGINT/SIGTERM while the cases run (the report is written first).
         ImageError / OutputExistsError: bad inputs, existing outputs without ``resume`` or
             ``overwrite``, or ``resume`` over outputs made with other settings. Errors of single cases are recorded instead (status "failed").
     """
@@ -572,19 +644,31 @@ def predict_cohort(
     )
     last_flush = time.monotonic()
     complete = False
+    stop = _SignalStop()
     try:
-        if progress is not None:
-            progress(0, len(records), None)
-        for i, rec in enumerate(records, start=1):
-            _run_case(rec, predictor, fmt, coords, resume, flag_above, flagged, earlier)
-            if rec.status == "skipped-existing" and not checked:
-                rec.note = UNCHECKED_NOTE
+        with stop:
             if progress is not None:
-                progress(i, len(records), rec)
-            if time.monotonic() - last_flush >= flush_seconds:
-                flush(False)
-                last_flush = time.monotonic()
-        complete = True
+                progress(0, len(records), None)
+            for i, rec in enumerate(records, start=1):
+                _run_case(rec, predictor, fmt, coords, resume, flag_above, flagged, earlier, stop)
+                if rec.status == "skipped-existing" and not checked:
+                    rec.note = UNCHECKED_NOTE
+                if progress is not None:
+                    progress(i, len(records), rec)
+                if time.monotonic() - last_flush >= flush_seconds:
+                    flush(False)
+                    last_flush = time.monotonic()
+                stop.check()
+            complete = True
+    except _Stop:
+        name = stop.received or "signal"
+        finished = sum(r.status != "pending" for r in records)
+        raise CohortInterrupted(
+            f"{name} received: stopped after {finished} of {len(records)} case(s) (finished "
+            f"outputs kept, {len(records) - finished} pending); report {report} (complete: "
+            "false). To continue: rerun the same command with --resume",
+            name,
+        ) from None
     finally:
         torch.set_num_threads(previous_threads)
         flush(complete)
@@ -600,8 +684,10 @@ def _run_case(
     flag_above: float | None,
     flagged: list[tuple[str, str, float]] | None,
     earlier: dict[str, dict[str, float]],
+    stop: _SignalStop | None = None,
 ) -> None:
-    """Predict one case into ``rec`` (status, timings, error); never raises an Exception."""
+    """Predict one case into ``rec`` (status, timings, error); never raises an Exception
+    (a signal during the prediction raises ``_Stop``, leaving ``rec`` pending)."""
     if resume and rec.output.exists():
         why = _finished_output(rec.output, coords, predictor.landmark_names)
         if why is None:
@@ -610,7 +696,8 @@ def _run_case(
         rec.note = f"replaced an unusable earlier output ({why})"
     t0 = time.perf_counter()
     try:
-        pred = predictor.predict_file(rec.image)
+        with stop.interruptible() if stop is not None else contextlib.nullcontext():
+            pred = predictor.predict_file(rec.image)
         hits = flag_landmarks(pred.landmarks, flag_above) if flag_above is not None else []
         t1 = time.perf_counter()
         write_landmarks(pred.landmarks, rec.output, fmt=fmt, coords=coords, overwrite=True)
