@@ -23,14 +23,18 @@ stage is kept as is); a stage without one (stopped before its first epoch ended,
 caching cases) starts over, replacing the files it left.
 
 Splits: with ``fold=k`` the cases of fold k are the *test* cases (never seen in training or
-model selection); a validation subset (``val_fraction`` of the remaining cases, at least 2, at
-random with the config's seed) is held out of training to pick the ``best`` checkpoint.
+model selection); a validation subset is held out of the remaining annotated cases, at random
+with the config's seed, to pick the ``best`` checkpoint: ``val_fraction`` of them, at least 2,
+but never more than the training cases (at most half, so 3 cases split 2 + 1). Fewer than 2
+training cases are refused before anything is written (batch norm cannot train on one), and
+cases without landmarks are left out of training with a warning naming them.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -69,22 +73,60 @@ class Split:
         return {"fold": self.fold, "train": self.train, "val": self.val, "test": self.test}
 
 
+MIN_TRAIN_CASES = 2
+"""Fewest training cases of a split (batch norm needs more than one value per channel)."""
+
+
+def n_validation(n_annotated: int, val_fraction: float) -> int:
+    """Validation cases held out of ``n_annotated``: ``val_fraction`` of them, at least 2,
+    never more than the training cases (at most half); 0 when ``val_fraction`` is 0."""
+    if val_fraction <= 0:
+        return 0
+    return min(max(2, round(val_fraction * n_annotated)), n_annotated // 2)
+
+
 def make_split(dataset: Dataset, fold: int | None, seed: int, val_fraction: float = 0.15) -> Split:
-    """Train/validation/test ids for ``fold`` (None: every case trains; nothing is tested)."""
+    """Train/validation/test ids for ``fold`` (None: every case trains; nothing is tested).
+
+    Raises:
+        DatasetError: fewer than :data:`MIN_TRAIN_CASES` training cases would remain.
+
+    Warns:
+        UserWarning: cases outside the test fold without landmarks (left out of training).
+    """
     test: list[str] = []
     if fold is None:
         pool = dataset.case_ids
     else:
         pool, test = dataset.split(fold)
     annotated = [c for c in pool if dataset.has_landmarks(c)]
-    if len(annotated) < 3:
-        raise DatasetError(
-            f"only {len(annotated)} annotated training case(s); at least 3 are needed.",
-            path=dataset.source,
-            fix="add annotated cases or use another fold.",
+    unannotated = [c for c in pool if c not in set(annotated)]
+    where = "of the dataset" if fold is None else f"outside test fold {fold}"
+    if unannotated:
+        shown = ", ".join(unannotated[:5]) + (
+            f" and {len(unannotated) - 5} more" if len(unannotated) > 5 else ""
         )
-    n_val = max(2, round(val_fraction * len(annotated))) if val_fraction > 0 else 0
-    n_val = min(n_val, len(annotated) - 1)
+        warnings.warn(
+            f"{dataset.source}: {len(unannotated)} case(s) {where} have no landmarks and are "
+            f"left out of training and validation: {shown}",
+            UserWarning,
+            stacklevel=2,
+        )
+    n_val = n_validation(len(annotated), val_fraction)
+    n_train = len(annotated) - n_val
+    if n_train < MIN_TRAIN_CASES:
+        without = f" ({len(unannotated)} more without landmarks)" if unannotated else ""
+        raise DatasetError(
+            f"{'training on every case' if fold is None else f'fold {fold}'} leaves "
+            f"{len(annotated)} annotated case(s){without} for training and validation: "
+            f"{n_train} training + {n_val} validation; at least {MIN_TRAIN_CASES} training "
+            f"cases{' plus 1 validation case' if val_fraction > 0 else ''} are needed.",
+            path=dataset.source,
+            fix="add annotated cases"
+            + (", or train on every case (--fold -1, fold=None)" if fold is not None else "")
+            + (", or hold out no validation cases (val_fraction=0)" if n_val else "")
+            + ".",
+        )
     rng = np.random.default_rng([seed, 7])
     val = {annotated[i] for i in rng.permutation(len(annotated))[:n_val]}
     return Split(
