@@ -20,7 +20,9 @@ alone, so their order and content do not depend on the thread.
 
 Multi-process runs (``torchrun``): see :mod:`landmark3d.engine.distributed`. Every rank draws
 the same global batches and trains on its share; gradients are summed over ranks so K
-processes do the optimisation of one process with the same global batch. Rank 0 alone
+processes do the optimisation of one process with the same global batch, except for batch
+norm (the coarse ResNet): it is not synchronised, each rank normalises its share with the
+share's own statistics, so such a stage does not reproduce a 1-process run. Rank 0 alone
 validates (the metrics are broadcast) and writes every file; the others only read.
 AMP (bfloat16, or float16 with loss scaling) and channels-last 3D are automatic on CUDA;
 CPU stays float32.
