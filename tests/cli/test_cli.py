@@ -45,6 +45,20 @@ def _one_error_line(r: CliResult) -> str:
 
 
 # ---------------------------------------------------------------------------------- help
+def test_command_help_is_reflowed_so_the_terminal_wraps_it_once() -> None:
+    """Docstrings are hard-wrapped at 100 columns; Typer's rich mode keeps every newline, so at
+    80 columns each line was wrapped again, leaving fragments like '(done,' on a line."""
+    from landmark3d.cli import app
+    from landmark3d.cli.app import reflow_help
+
+    assert reflow_help("one\ntwo\n\n- a\n- b") == "one two\n\n- a\n- b"
+    for info in app.registered_commands:
+        assert info.help, info.callback
+        for para in info.help.split("\n\n"):
+            lines = para.splitlines()
+            assert len(lines) == 1 or any(line.startswith((" ", "-", "*", "|")) for line in lines)
+
+
 def test_top_level_help_lists_every_command(cli: Cli) -> None:
     r = cli("--help")
     assert r.code == 0

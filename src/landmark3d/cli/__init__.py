@@ -7,6 +7,8 @@ registers them all.
 """
 
 from landmark3d.cli import data_cmds, io_cmds, model_cmds, report_cmds  # noqa: F401  (register commands)
-from landmark3d.cli.app import app, main
+from landmark3d.cli.app import app, main, reflow_command_help
+
+reflow_command_help(app)  # after every command module has registered
 
 __all__ = ["app", "main"]

@@ -8,6 +8,7 @@ readable line (file, problem, fix) with a non-zero exit code; ``--debug`` shows 
 
 from __future__ import annotations
 
+import inspect
 import shlex
 import sys
 from typing import Annotated, Any
@@ -144,6 +145,28 @@ def _interrupted(exc: KeyboardInterrupt) -> None:
     message = interruption_message(exc, sys.argv[1:])
     err_console.print(escape(message), highlight=False, soft_wrap=True)
     sys.exit(130)
+
+
+def reflow_help(text: str) -> str:
+    """``text`` with the hard-wrapped lines of each paragraph joined, so that the terminal
+    wraps them once (Typer's rich mode keeps every newline, and at 80 columns a docstring's
+    lines were wrapped twice, leaving words alone on a line). Paragraphs with list items or
+    indented lines are kept as written."""
+    out = []
+    for para in text.split("\n\n"):
+        lines = para.splitlines()
+        if any(line.startswith((" ", "-", "*", "|", "•")) for line in lines[1:]):
+            out.append(para)
+        else:
+            out.append(" ".join(line.strip() for line in lines))
+    return "\n\n".join(out)
+
+
+def reflow_command_help(typer_app: typer.Typer) -> None:
+    """Give every registered command without an explicit help its reflowed docstring."""
+    for info in typer_app.registered_commands:
+        if info.help is None and info.callback is not None and info.callback.__doc__:
+            info.help = reflow_help(inspect.getdoc(info.callback) or "")
 
 
 def main() -> None:
