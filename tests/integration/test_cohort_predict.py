@@ -381,6 +381,7 @@ def test_sigterm_between_cases_writes_the_report_and_restores_the_handler(
     shared_run: Path, images: Path, reference: Path, tmp_path: Path, sigterm_sentinel: Callable
 ) -> None:
     out = tmp_path / "pred"
+    sigint_before = signal.getsignal(signal.SIGINT)  # SIG_IGN when run in the background
 
     def preempt(i: int, total: int, rec: CaseRecord | None) -> None:
         if i == 2:  # as SLURM does on preemption (here: while no case is being predicted)
@@ -390,7 +391,7 @@ def test_sigterm_between_cases_writes_the_report_and_restores_the_handler(
         predict_cohort(shared_run, out, input_path=images, device="cpu", progress=preempt)
     assert isinstance(e.value, KeyboardInterrupt) and "--resume" in str(e.value)
     assert signal.getsignal(signal.SIGTERM) is sigterm_sentinel  # restored
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    assert signal.getsignal(signal.SIGINT) is sigint_before
     report = _report(out / "timings.json")
     assert not report["complete"]
     assert [c["status"] for c in report["cases"].values()] == ["done"] * 2 + ["pending"] * 3
