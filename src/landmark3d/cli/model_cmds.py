@@ -326,7 +326,9 @@ def predict(
         typer.Option(
             "--resume",
             help="Skip cases whose prediction file exists and reads back (files are written "
-            "atomically, so an existing one is complete); predict the rest.",
+            "atomically, so an existing one is complete); predict the rest. Refused when the "
+            "outputs were made with other settings (model, stage, checkpoint, TTA, absence, "
+            "calibration, --flag-above, coords, format; recorded in timings.json).",
         ),
     ] = False,
     shard: Annotated[
