@@ -23,7 +23,7 @@ from landmark3d.data.dataset import load_dataset
 from landmark3d.errors import DatasetError
 from landmark3d.geometry.space import Geometry
 from landmark3d.io.landmark_set import LandmarkSet
-from landmark3d.io.landmarks import write_landmarks
+from landmark3d.io.landmarks import read_landmarks, write_landmarks
 
 Cli = Callable[..., CliResult]
 COMMANDS = ("phantom", "verify", "evaluate", "plan", "train", "predict")
@@ -372,6 +372,25 @@ def test_evaluate_prints_its_warnings_and_refuses_when_nothing_matches(
     line = _one_error_line(cli("evaluate", "--pred", renamed, "--truth", phantom_dir))
     assert "no prediction file here names one of the" in line and "subj000.json" in line
     assert not (renamed / "metrics.json").exists()
+
+
+def test_warnings_are_one_line_without_python_source_locations(
+    cli: Cli, phantom_dir: Path, tmp_path: Path
+) -> None:
+    """A reader's warning (here: an .fcsv without '# CoordinateSystem', read as RAS) shows as
+    one 'warning:' line, not Python's 'file.py:118: LandmarkWarning' plus the source line."""
+    pred = tmp_path / "pred"
+    ids = _shifted_predictions(phantom_dir, pred, np.array([1.0, 0.0, 0.0]))
+    truth = read_landmarks(pred / f"{ids[0]}.json")
+    fcsv = pred / f"{ids[0]}.fcsv"
+    write_landmarks(truth, fcsv, coords="RAS")
+    fcsv.write_text(fcsv.read_text().replace("# CoordinateSystem = RAS\n", ""))
+    (pred / f"{ids[0]}.json").unlink()
+    r = cli("evaluate", "--pred", pred, "--truth", phantom_dir)
+    assert r.code == 0, r.err
+    lines = [line for line in r.err_lines if "CoordinateSystem" in line]
+    assert lines and lines[0].startswith("warning: ") and "assuming RAS" in lines[0]
+    assert "LandmarkWarning" not in r.err and "warnings.warn" not in r.err
 
 
 def test_evaluate_one_fold_into_another_directory(

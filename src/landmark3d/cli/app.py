@@ -11,6 +11,7 @@ from __future__ import annotations
 import inspect
 import shlex
 import sys
+import warnings
 from typing import Annotated, Any
 
 import typer
@@ -169,10 +170,33 @@ def reflow_command_help(typer_app: typer.Typer) -> None:
             info.help = reflow_help(inspect.getdoc(info.callback) or "")
 
 
+def _one_line_warning(
+    message: Warning | str,
+    category: type[Warning],
+    filename: str,
+    lineno: int,
+    file: Any = None,
+    line: str | None = None,
+) -> None:
+    """Show a warning as one ``warning: ...`` line (Python's default adds the source file and
+    line of the ``warnings.warn`` call, which tells a command-line user nothing)."""
+    err_console.print(
+        f"[yellow]warning:[/] {escape(str(message))}", highlight=False, soft_wrap=True
+    )
+
+
 def main() -> None:
-    """Console-script entry point: readable one-line errors, tracebacks only with --debug."""
+    """Console-script entry point: readable one-line errors and warnings, tracebacks (and
+    Python's warning format) only with --debug."""
     debug = "--debug" in sys.argv[1:]
     _INTERRUPTS.clear()
+    with warnings.catch_warnings():  # the one-line format only for this command
+        if not debug:
+            warnings.showwarning = _one_line_warning
+        _run_app(debug)
+
+
+def _run_app(debug: bool) -> None:
     try:
         rc = app(standalone_mode=False)
         if rc == 130 and _INTERRUPTS:
