@@ -59,7 +59,6 @@ import os
 import re
 import signal
 import statistics
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -71,6 +70,7 @@ import torch
 
 from landmark3d.engine.checkpoint import META, SHA256, WEIGHTS, read_checkpoint_meta
 from landmark3d.engine.device import set_num_threads
+from landmark3d.engine.run_files import SignalGuard
 from landmark3d.errors import CheckpointError, ConfigError, ImageError, OutputExistsError
 from landmark3d.inference.calibration import CALIBRATION_FILE
 from landmark3d.inference.confidence import flag_above as flag_landmarks
@@ -348,21 +348,11 @@ def _checkpoint_digest(ckpt: Path) -> str:
 
 
 def cohort_settings(
-    predictor: Predictor,
-    model: Path,
-    fmt: str,
-    coords: str,
-    flag_above: float | None,
-    checkpoint: str = "best",
+    predictor: Predictor, model: Path, fmt: str, coords: str, flag_above: float | None
 ) -> dict[str, Any]:
     """What makes a cohort's outputs: recorded in the report, compared on resume (see the
     module docstring; :data:`RESUME_KEYS` are compared)."""
-    stages = {"coarse": ["coarse"], "fine": ["coarse", "fine"]}.get(
-        predictor.stage, ["coarse", "fine", "correlated"]
-    )
-    digests = {
-        st: _checkpoint_digest(predictor.run / st / "checkpoints" / checkpoint) for st in stages
-    }
+    digests = {st: _checkpoint_digest(ckpt) for st, ckpt in predictor.checkpoints.items()}
     calibration = predictor.run / CALIBRATION_FILE
     return {
         "model": str(Path(model).resolve()),
@@ -370,7 +360,7 @@ def cohort_settings(
             json.dumps(digests, sort_keys=True).encode("utf-8")
         ).hexdigest(),
         "checkpoints": digests,
-        "checkpoint": checkpoint,
+        "checkpoint": predictor.checkpoint,
         "stage": predictor.stage,
         "tta": predictor.tta,
         "absence": predictor.absence,
@@ -456,32 +446,21 @@ class _Stop(KeyboardInterrupt):
     """Raised by :class:`_SignalStop`'s handler to abandon the case in flight."""
 
 
-class _SignalStop:
-    """SIGINT/SIGTERM as a stop request: raised at once inside :meth:`interruptible` (a
-    case's prediction), else taken at the next :meth:`check`; a second signal raises at once.
-    Handlers are installed only in the main thread and restored on exit."""
+class _SignalStop(SignalGuard):
+    """SIGINT/SIGTERM as a stop request (:class:`SignalGuard`'s handlers, installed in the
+    main thread only and restored on exit), but raised at once inside :meth:`interruptible`
+    (a case's prediction), else taken at the next :meth:`check`; a second signal raises at
+    once, as :class:`_Stop` too, so the cohort's message and report follow."""
 
     def __init__(self) -> None:
-        self.received: str | None = None
+        super().__init__()
         self._live = False
-        self._previous: dict[int, Any] = {}
 
     def _handler(self, signum: int, frame: FrameType | None) -> None:
         again = self.received is not None
         self.received = self.received or signal.Signals(signum).name
         if self._live or again:
             raise _Stop(self.received)
-
-    def __enter__(self) -> _SignalStop:
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._previous[sig] = signal.signal(sig, self._handler)
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
-        self._previous.clear()
 
     @contextlib.contextmanager
     def interruptible(self) -> Iterator[None]:

@@ -179,17 +179,17 @@ class Predictor:
         expect = {"landmark_names": names}
         c = self.config.coarse
         self.coarse = CoarseRegressor(len(names), c.widths, c.layers)
-        meta = load_weights_only(
-            _checkpoint(self.run, "coarse", checkpoint, self.archive),
-            {"coarse": self.coarse},
-            expect,
-        )
+        self.checkpoint = checkpoint
+        self.checkpoints: dict[str, Path] = {}  # stage -> the checkpoint directory loaded
+        self.checkpoints["coarse"] = _checkpoint(self.run, "coarse", checkpoint, self.archive)
+        meta = load_weights_only(self.checkpoints["coarse"], {"coarse": self.coarse}, expect)
         self.coarse.to(self.device).eval()
         self.fine: dict[str, torch.nn.Module] = {}
         self.fine_names: list[str] = []
         self.routes: dict[str, tuple[str, int]] = {}
         if stage in ("fine", "correlated"):
             fine_ckpt = _checkpoint(self.run, "fine", checkpoint, self.archive)
+            self.checkpoints["fine"] = fine_ckpt
             fmeta = read_checkpoint_meta(fine_ckpt)
             self.fine_names = list(fmeta.get("fine_landmarks", names))
             f = self.config.fine
@@ -203,6 +203,7 @@ class Predictor:
             self.groups = [dict(g) for g in self.plan.correlated_groups]
             models = build_group_models(self.groups, self.config.correlated)
             ckpt = _checkpoint(self.run, "correlated", checkpoint, self.archive)
+            self.checkpoints["correlated"] = ckpt
             load_weights_only(ckpt, dict(models), expect)
             self.group_models = {k: m.to(self.device).eval() for k, m in models.items()}
         self.meta = meta
