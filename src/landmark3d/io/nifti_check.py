@@ -100,12 +100,18 @@ def nifti_header(header: bytes) -> NiftiHeader | None:
     return NiftiHeader(offset, nvox * bitpix // 8, dtype, float(slope), float(inter))
 
 
-def _read_first_bytes(path: Path, suffix: str, n: int = 540) -> bytes | None:
-    """The first ``n`` bytes of a (possibly gzipped) NIfTI file's header; None if unreadable."""
+def _nifti_opener(path: Path, suffix: str) -> tuple[str, Any]:
+    """``(suffix, open function)`` for reading ``path``: an uncompressed NIfTI named
+    ``.nii.gz`` (no gzip magic) is read as the ``.nii`` it is, as ITK does."""
     with open(path, "rb") as raw_fh:
         if suffix == ".nii.gz" and raw_fh.read(2) != _GZIP_MAGIC:
-            suffix = ".nii"  # an uncompressed NIfTI named .nii.gz
-    opener: Any = gzip.open if suffix == ".nii.gz" else open
+            suffix = ".nii"
+    return suffix, gzip.open if suffix == ".nii.gz" else open
+
+
+def _read_first_bytes(path: Path, opener: Any, n: int = 540) -> bytes | None:
+    """The first ``n`` bytes of a NIfTI file's header, read with ``opener`` (see
+    :func:`_nifti_opener`); None if unreadable."""
     try:
         with opener(path, "rb") as fh:
             data: bytes = fh.read(n)
@@ -122,7 +128,7 @@ def nifti_sform_shear(path: Path, suffix: str) -> float | None:
     (``sform_code`` 0) or is not a readable NIfTI-1/-2 header. ITK refuses a sheared sform
     when there is no qform to fall back on ("No orthonormal definition found").
     """
-    header = _read_first_bytes(path, suffix)
+    header = _read_first_bytes(path, _nifti_opener(path, suffix)[1])
     if header is None:
         return None
     for e in "<>":
@@ -157,14 +163,9 @@ def scan_nifti(path: Path, suffix: str, keep_positions: bool) -> NiftiScan | Non
 
     Returns the scan for float data, else None (also for files SimpleITK should judge).
     """
-    with open(path, "rb") as raw_fh:
-        if suffix == ".nii.gz" and raw_fh.read(2) != _GZIP_MAGIC:
-            suffix = ".nii"  # an uncompressed NIfTI named .nii.gz: ITK reads it as such
-    opener = gzip.open if suffix == ".nii.gz" else open
-    try:
-        with opener(path, "rb") as fh:
-            first = fh.read(540)
-    except (OSError, EOFError, zlib.error):
+    suffix, opener = _nifti_opener(path, suffix)
+    first = _read_first_bytes(path, opener)
+    if first is None:
         return None  # let SimpleITK report the unreadable file
     problem = nifti_magic_problem(first)
     if problem is not None:
