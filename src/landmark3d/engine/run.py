@@ -100,7 +100,7 @@ def make_split(dataset: Dataset, fold: int | None, seed: int, val_fraction: floa
     else:
         pool, test = dataset.split(fold)
     annotated = [c for c in pool if dataset.has_landmarks(c)]
-    unannotated = [c for c in pool if c not in set(annotated)]
+    unannotated = [c for c in pool if not dataset.has_landmarks(c)]
     where = "of the dataset" if fold is None else f"outside test fold {fold}"
     if unannotated:
         shown = ", ".join(unannotated[:5]) + (
